@@ -1,0 +1,1 @@
+"""Fused PEAR loss kernels (installed as ``pear_mega.kernels``)."""
