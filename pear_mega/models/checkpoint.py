@@ -1,0 +1,441 @@
+"""Weights in and out of megatron models: HF safetensors, megatron dist checkpoints, HF export.
+
+On-disk layout of a pear-mega megatron checkpoint directory (written by ``save_checkpoint``; the
+SFT/RL trainers write theirs through the same function, adding their own state)::
+
+    <ckpt>/
+      pear_mega.json     CheckpointMeta: format version, the HF config.json, tp / pp / dtype /
+                         padded vocab the checkpoint was written with
+      hf/                config.json + tokenizer files of the source model (for export)
+      metadata.json      dist_checkpointing backend marker (torch_dist)
+      common.pt          non-sharded objects (the trainer's iteration counter, RNG, data state...)
+      .metadata, __*_*.distcp   torch.distributed.checkpoint shards
+
+Inside the sharded state dict the model lives under the key prefix ``model.`` (megatron's own
+``sharded_state_dict(prefix="model.")``: ``model.embedding.word_embeddings.weight``,
+``model.decoder.layers.self_attention.linear_qkv.weight`` with the layers stacked along a leading
+axis, ...). Trainers put optimizer state under ``optimizer.``, the scheduler, RNG and data state
+under their own top-level keys; ``load_checkpoint`` and the export tool read only ``model.``, so any
+trainer checkpoint exports. dist checkpoints store global tensors, so a checkpoint written at one
+TP/PP loads at any other whose padded vocabulary is the same (see
+``ModelArch.padded_vocab_size``; the metadata records it and ``tools/convert_hf.py export`` builds
+with it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pear_mega.models.arch import ModelArch
+from pear_mega.models.mapping import (
+    REPLICATED,
+    canonical_name,
+    hf_tensor_shape,
+    iter_megatron_shard,
+    local_name,
+    megatron_to_hf,
+    stage_tensor_maps,
+)
+
+META_FILE = "pear_mega.json"
+HF_SUBDIR = "hf"
+MODEL_PREFIX = "model."
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def unwrap_model(model):
+    """The ``GPTModel`` inside DDP / Float16Module wrappers (or a one-element list of chunks)."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError("virtual pipeline chunks are not supported: pass one model chunk")
+        model = model[0]
+    while not hasattr(model, "pear_spec_layout") and hasattr(model, "module"):
+        model = model.module
+    if not hasattr(model, "pear_spec_layout"):
+        raise ValueError("expected a model built by pear_mega.models.build_gpt_model")
+    return model
+
+
+# ----------------------------------------------------------------------------- HF safetensors in
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of an HF directory (single file or sharded with an index).
+
+    Each ``get`` reads one tensor through ``safe_open`` (memory-mapped), so host memory stays near
+    the largest tensor rather than the checkpoint size.
+    """
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        self._handles: dict[str, Any] = {}
+        if weight_map is None:
+            self._handles[single.name] = safe_open(str(single), framework="pt")
+            weight_map = {name: single.name for name in self._handles[single.name].keys()}  # noqa: SIM118 (safe_open is not a dict)
+        else:
+            for file in sorted(set(weight_map.values())):
+                path = self.dir / file
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: shard listed in {index.name} is missing")
+                self._handles[file] = safe_open(str(path), framework="pt")
+        self.weight_map: dict[str, str] = weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.dir}: tensor {name!r} is not in the checkpoint")
+        return self._handles[self.weight_map[name]].get_tensor(name)
+
+
+def load_hf_checkpoint(model, hf_dir: str | os.PathLike, arch: ModelArch, ctx, *, progress: bool = False) -> None:
+    """Copy this rank's shard of an HF safetensors checkpoint into ``model`` (one tensor at a time).
+
+    ``progress=True`` shows a tqdm bar over the stage's tensors.
+
+    Raises:
+        FileNotFoundError: missing safetensors file or shard.
+        KeyError: a tensor the architecture needs is absent.
+        ValueError: shape mismatch (e.g. a vocabulary that disagrees with config.json), or the
+            model has parameters the mapping does not fill.
+    """
+    gpt = unwrap_model(model)
+    reader = SafetensorsReader(hf_dir)
+    get = reader.get
+    if arch.tie_word_embeddings is False and "lm_head.weight" not in reader.weight_map:
+        raise KeyError(f"{hf_dir}: untied model without lm_head.weight")
+    params = dict(gpt.named_parameters())
+    filled: set[str] = set()
+    shards = iter_megatron_shard(
+        get, arch, ctx.tp_rank, ctx.tp_size, ctx.pp_rank, ctx.pp_size, gpt.pear_spec_layout,
+        padded_vocab_size=gpt.pear_padded_vocab_size,
+    )  # fmt: skip
+    if progress:
+        from tqdm import tqdm
+
+        shards = tqdm(shards, total=len(stage_tensor_maps(arch, ctx.pp_rank, ctx.pp_size)), desc="import", unit="tensor")
+    with torch.no_grad():
+        for name, shard in shards:
+            if name not in params:
+                raise ValueError(f"mapping produced {name!r}, which the megatron model does not have")
+            param = params[name]
+            if tuple(param.shape) != tuple(shard.shape):
+                raise ValueError(f"{name}: model shard shape {tuple(param.shape)} != converted {tuple(shard.shape)}")
+            param.copy_(shard.to(device=param.device, dtype=param.dtype))
+            filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ValueError(f"HF checkpoint {hf_dir} left megatron parameters unset: {missing}")
+
+
+# ----------------------------------------------------------------------------- megatron dist ckpt
+
+
+@dataclass
+class CheckpointMeta:
+    """Contents of ``pear_mega.json``."""
+
+    hf_config: dict[str, Any]
+    tensor_parallel: int
+    pipeline_parallel: int
+    padded_vocab_size: int
+    dtype: str
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> ModelArch:
+        return ModelArch.from_hf(self.hf_config)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:
+    """Read ``pear_mega.json``; FileNotFoundError names the directory when it is not a checkpoint."""
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: not a pear-mega megatron checkpoint (no {META_FILE})")
+    data = json.loads(path.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {data.get('format_version')} != {FORMAT_VERSION}")
+    return CheckpointMeta(**data)
+
+
+def model_sharded_state_dict(model):
+    """megatron sharded state dict of the model under the ``model.`` key prefix."""
+    return unwrap_model(model).sharded_state_dict(prefix=MODEL_PREFIX)
+
+
+def copy_hf_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy tokenizer / generation files that exist in ``src`` to ``dst``; returns the names."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def save_checkpoint(
+    model,
+    ckpt_dir: str | os.PathLike,
+    arch: ModelArch,
+    ctx,
+    *,
+    extra: dict[str, Any] | None = None,
+    hf_files_from: str | os.PathLike | None = None,
+) -> None:
+    """Save ``model`` (and optional trainer state) as a dist_checkpointing ``torch_dist`` checkpoint.
+
+    Collective: every rank calls it.
+
+    Args:
+        extra: more top-level entries of the sharded state dict (``optimizer``, ``rng_state``,
+            ``iteration`` ...); the key ``model`` is reserved.
+        hf_files_from: an HF directory whose tokenizer files are copied into ``<ckpt>/hf/``.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    gpt = unwrap_model(model)
+    if extra and "model" in extra:
+        raise ValueError("save_checkpoint: extra must not contain the key 'model'")
+    ckpt_dir = Path(ckpt_dir)
+    if ctx.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = {"model": model_sharded_state_dict(gpt), **(extra or {})}
+    dist_checkpointing.save(state, str(ckpt_dir))
+    # Our files go in after the shards (dist_checkpointing warns about non-empty directories) and
+    # pear_mega.json last: its presence marks a complete checkpoint.
+    if ctx.rank == 0:
+        hf_sub = ckpt_dir / HF_SUBDIR
+        hf_sub.mkdir(exist_ok=True)
+        (hf_sub / "config.json").write_text(json.dumps(arch.hf_config, indent=2))
+        if hf_files_from is not None:
+            copy_hf_files(hf_files_from, hf_sub)
+        param = next(gpt.parameters())
+        meta = CheckpointMeta(
+            hf_config=arch.hf_config,
+            tensor_parallel=ctx.tp_size,
+            pipeline_parallel=ctx.pp_size,
+            padded_vocab_size=gpt.pear_padded_vocab_size,
+            dtype=str(param.dtype).removeprefix("torch."),
+        )
+        tmp = ckpt_dir / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(meta), indent=2))
+        os.replace(tmp, ckpt_dir / META_FILE)
+    dist.barrier()
+
+
+def load_checkpoint(
+    model,
+    ckpt_dir: str | os.PathLike,
+    arch: ModelArch | None = None,
+    ctx=None,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load the ``model.`` part of a checkpoint (at any TP/PP) into ``model``; collective.
+
+    Args:
+        arch: when given, must describe the same model as the checkpoint.
+        ctx: unused (kept for the symmetric signature with ``save_checkpoint``).
+        extra: more sharded state to load (e.g. ``{"optimizer": opt.sharded_state_dict(...)}``).
+    Returns:
+        The loaded state dict (``model`` plus ``extra`` plus the common objects).
+    Raises:
+        ValueError: architecture or padded vocabulary differ from the checkpoint's.
+    """
+    from megatron.core import dist_checkpointing
+
+    gpt = unwrap_model(model)
+    meta = read_checkpoint_meta(ckpt_dir)
+    ckpt_arch = meta.arch
+    if arch is not None and arch != ckpt_arch:
+        raise ValueError(f"{ckpt_dir}: checkpoint architecture {ckpt_arch} differs from the model's {arch}")
+    if meta.padded_vocab_size != gpt.pear_padded_vocab_size:
+        raise ValueError(
+            f"{ckpt_dir}: checkpoint vocabulary is padded to {meta.padded_vocab_size} rows, the model to "
+            f"{gpt.pear_padded_vocab_size}; build the model with padded_vocab_size={meta.padded_vocab_size}"
+        )
+    state = {"model": model_sharded_state_dict(gpt), **(extra or {})}
+    loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    # The sharded state dict is keyed by prefixed names; the module's own state dict is not.
+    loaded["model"] = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}
+    gpt.load_state_dict(loaded["model"], strict=True)
+    return loaded
+
+
+# ----------------------------------------------------------------------------- megatron -> HF
+
+
+def iter_hf_tensors(model, arch: ModelArch, ctx, dst: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield full HF-named tensors of a TP/PP-sharded model on global rank ``dst``.
+
+    Every rank must exhaust the iterator (it drives the collectives): TP shards are all-gathered
+    over the TP group of the stage that owns a tensor, and the stage's TP-rank-0 sends the merged
+    HF tensors to ``dst`` point to point. Only the data-parallel replica 0 takes part. Tied models
+    yield ``lm_head.weight`` too (the rollout engine needs it). Tensors are on ``ctx.device`` in
+    the model's dtype and may share storage with the parameters.
+
+    Args:
+        dst: a global rank with tp_rank == dp_rank == cp_rank == 0 (default 0).
+    """
+    import torch.distributed as dist
+
+    gpt = unwrap_model(model)
+    params = {name: p for name, p in gpt.named_parameters()}
+    world = dist.get_world_size()
+    coords: list[Any] = [None] * world
+    dist.all_gather_object(coords, (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.cp_rank))
+    if not 0 <= dst < world or coords[dst][0] != 0 or coords[dst][2] != 0 or coords[dst][3] != 0:
+        raise ValueError(f"iter_hf_tensors: dst={dst} must be a rank with tp, dp and cp rank 0")
+    senders = {c[1]: r for r, c in enumerate(coords) if c[0] == 0 and c[2] == 0 and c[3] == 0}
+    if ctx.dp_rank != 0 or ctx.cp_rank != 0:
+        return
+    dtype = next(iter(params.values())).dtype
+    is_dst = ctx.rank == dst
+    for stage in range(ctx.pp_size):
+        for entry in stage_tensor_maps(arch, stage, ctx.pp_size):
+            if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
+                continue  # the last stage's copy of the embedding
+            results = None
+            if ctx.pp_rank == stage:
+                local = params[local_name(entry.megatron, arch, stage, ctx.pp_size, gpt.pear_spec_layout)].detach()
+                if entry.kind == REPLICATED or ctx.tp_size == 1:
+                    shards = [local]
+                else:
+                    local = local.contiguous()
+                    shards = [torch.empty_like(local) for _ in range(ctx.tp_size)]
+                    dist.all_gather(shards, local, group=ctx.tp_group)
+                if ctx.tp_rank == 0:
+                    results = megatron_to_hf(entry.megatron, shards, arch)
+            if is_dst:
+                if results is None:
+                    results = []
+                    for name in entry.hf:
+                        buf = torch.empty(hf_tensor_shape(arch, name), dtype=dtype, device=ctx.device)
+                        dist.recv(buf, src=senders[stage])
+                        results.append((name, buf))
+                for name, tensor in results:
+                    yield name, tensor
+                    if arch.tie_word_embeddings and name == "model.embed_tokens.weight":
+                        yield "lm_head.weight", tensor
+            elif results is not None and ctx.pp_rank == stage:
+                for _, tensor in results:
+                    dist.send(tensor.contiguous(), dst=dst)
+
+
+def model_param_names(model, arch: ModelArch, ctx) -> list[str]:
+    """Canonical global names of this rank's parameters (diagnostics, tests)."""
+    gpt = unwrap_model(model)
+    return [canonical_name(n, arch, ctx.pp_rank, ctx.pp_size) for n, _ in gpt.named_parameters()]
+
+
+def save_hf_checkpoint(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | os.PathLike,
+    arch: ModelArch,
+    *,
+    dtype: torch.dtype | None = None,
+    hf_files_from: str | os.PathLike | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write HF tensors as safetensors (sharded above ``max_shard_bytes``) + config.json + tokenizer.
+
+    ``lm_head.weight`` is dropped for tied models, as ``save_pretrained`` does.
+
+    Args:
+        tensors: ``(hf_name, tensor)`` pairs, e.g. from ``iter_hf_tensors`` on dst.
+        dtype: cast to this dtype (default: keep); also written as the config's ``dtype``.
+        hf_files_from: copy tokenizer / generation config files from this directory.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}
+    # Shards are written as soon as they fill up (host memory stays near one shard) under
+    # temporary names, and renamed once their count is known.
+    written: list[tuple[Path, list[str]]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+    seen_dtype = None
+
+    def flush():
+        nonlocal current, size
+        if current:
+            tmp = out / f".shard-{len(written):05d}.safetensors.tmp"
+            save_file(current, str(tmp), metadata=metadata)
+            written.append((tmp, list(current)))
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        if arch.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        # A copy: the tensor may be a view of a parameter that training keeps updating.
+        tensor = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous().clone()
+        seen_dtype = tensor.dtype
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+        current[name] = tensor
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        os.replace(written[0][0], out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (tmp, names) in enumerate(written, 1):
+            file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            os.replace(tmp, out / file)
+            weight_map.update({name: file for name in names})
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    config = dict(arch.hf_config)
+    config["architectures"] = [arch.architecture]
+    if seen_dtype is not None:
+        config["dtype"] = str(seen_dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if hf_files_from is not None:
+        copy_hf_files(hf_files_from, out)
+    return out

@@ -1,0 +1,235 @@
+"""HF <-> megatron checkpoint conversion and verification (the logic behind tools/convert_hf.py).
+
+Every function runs in the current process group: launched plainly it is a world of one (TP=1,
+PP=1); under ``torchrun --nproc-per-node N`` it splits the world as asked. See the tool's
+``--help`` for the commands and ``pear_mega.models.checkpoint`` for the directory layout.
+
+Memory: ``import_hf`` reads the safetensors one tensor at a time (memory-mapped), so a rank holds
+its model shard plus one HF tensor. In a single process that shard is the whole model; the
+checkpoint still records the padded vocabulary for the requested ``--tp`` and, being a dist
+checkpoint of global tensors, loads at any TP/PP. Under torchrun with ``tp * pp`` ranks each rank
+holds only its shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROBES = (
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Question: what is 12 + 30?\nAnswer:",
+    "Once upon a time, in a small village by the sea, there lived",
+)
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        dtype = getattr(torch, name)
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)")  # noqa: TRY004
+    return dtype
+
+
+def _init(tp: int, pp: int):
+    """Initialise the world; returns ``(ctx, keep_process_group)`` for ``destroy_parallel``.
+
+    A plain process (or a torchrun world of one) builds the whole model; larger worlds split
+    ``tp x pp``. A process group that already exists is reused and left alive afterwards.
+    """
+    import torch.distributed as dist
+
+    from pear_mega.parallel import ParallelConfig, init_parallel
+
+    existed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if existed else int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = ParallelConfig() if world == 1 else ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    return init_parallel(cfg), existed
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", disable=not enabled)
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+              dtype: str = "float32", progress: bool = True) -> Path:  # fmt: skip
+    """HF safetensors directory -> megatron ``torch_dist`` checkpoint.
+
+    Args:
+        tp, pp: the layout the checkpoint is meant for. Under torchrun the world is split as
+            ``tp x pp`` (x data parallel); in a single process the model is built whole and the
+            vocabulary padded for ``tp``.
+    """
+    from pear_mega.models.arch import ModelArch
+    from pear_mega.models.build import build_gpt_model
+    from pear_mega.models.checkpoint import load_hf_checkpoint, save_checkpoint
+    from pear_mega.models.mapping import all_tensor_maps
+    from pear_mega.parallel import destroy_parallel
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    arch = ModelArch.from_hf(hf_dir)  # fails fast on unknown architectures, before any process group
+    arch.check_tensor_parallel(tp)
+    arch.check_pipeline_parallel(pp)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: output directory is not empty")
+    ctx, keep = _init(tp, pp)
+    try:
+        model = build_gpt_model(arch, ctx, dtype=_dtype(dtype), padded_vocab_size=arch.padded_vocab_size(tp))
+        n = len(all_tensor_maps(arch))
+        logger.info("importing %s (%s, %d tensors) into %s", hf_dir, arch.family, n, out_dir)
+        load_hf_checkpoint(model, hf_dir, arch, ctx, progress=progress and ctx.rank == 0)
+        save_checkpoint(model, out_dir, arch, ctx, hf_files_from=hf_dir)
+    finally:
+        destroy_parallel(keep_process_group=keep)
+    return out_dir
+
+
+def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+              dtype: str | None = None, tokenizer_dir: str | os.PathLike | None = None,
+              progress: bool = True) -> Path:  # fmt: skip
+    """megatron checkpoint (written at any TP/PP, trainer checkpoints included) -> HF directory.
+
+    The output holds ``model.safetensors`` (or shards + index), ``config.json`` and the tokenizer
+    files stored in ``<ckpt>/hf`` (or copied from ``tokenizer_dir``).
+    """
+    from pear_mega.models.build import build_gpt_model
+    from pear_mega.models.checkpoint import (
+        HF_SUBDIR,
+        iter_hf_tensors,
+        load_checkpoint,
+        read_checkpoint_meta,
+        save_hf_checkpoint,
+    )
+    from pear_mega.models.mapping import hf_tensor_names
+    from pear_mega.parallel import destroy_parallel
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    meta = read_checkpoint_meta(ckpt_dir)
+    arch = meta.arch
+    ctx, keep = _init(tp, pp)
+    try:
+        model = build_gpt_model(arch, ctx, dtype=meta.torch_dtype, padded_vocab_size=meta.padded_vocab_size)
+        load_checkpoint(model, ckpt_dir, arch, ctx)
+        tensors = iter_hf_tensors(model, arch, ctx, dst=0)
+        if ctx.rank == 0:
+            files_from = tokenizer_dir if tokenizer_dir is not None else ckpt_dir / HF_SUBDIR
+            total = len(hf_tensor_names(arch))
+            save_hf_checkpoint(
+                _progress(tensors, total, "export", progress),
+                out_dir,
+                arch,
+                dtype=_dtype(dtype) if dtype else None,
+                hf_files_from=files_from if Path(files_from).is_dir() else None,
+            )
+        else:
+            for _ in tensors:  # drive the collectives
+                pass
+    finally:
+        destroy_parallel(keep_process_group=keep)
+    return out_dir
+
+
+@dataclass
+class VerifyReport:
+    """Megatron vs HF logits on the probe prompts (real vocabulary only)."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    num_tokens: int
+
+    def __str__(self) -> str:
+        return (
+            f"max |logit diff| {self.max_abs_diff:.3e}  mean |logit diff| {self.mean_abs_diff:.3e}  "
+            f"top-1 agreement {100 * self.top1_agreement:.2f}% over {self.num_tokens} tokens"
+        )
+
+
+def probe_token_ids(hf_dir: str | os.PathLike, prompts, vocab_size: int) -> list[list[int]]:
+    """Token ids of the probe prompts (HF tokenizer when the directory has one, else seeded random ids)."""
+    reason = "no tokenizer files"
+    if any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(hf_dir))
+            ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            if all(ids) and max(max(s) for s in ids) < vocab_size:
+                return ids
+            reason = "the tokenizer gives empty or out-of-vocabulary ids"
+        except (OSError, ValueError) as exc:
+            reason = f"tokenizer failed to load: {exc}"
+    logger.warning("%s: %s; probing with seeded random token ids", hf_dir, reason)
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (8 + 3 * i,), generator=gen).tolist() for i in range(len(prompts))]
+
+
+def verify(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, prompts=DEFAULT_PROBES,
+           tp: int = 1, pp: int = 1) -> VerifyReport | None:  # fmt: skip
+    """Run the probe prompts through the HF model (one prompt at a time) and the megatron
+    checkpoint (all prompts packed into one sequence) and compare the logits.
+
+    Returns:
+        The report on global rank 0 (None elsewhere).
+    """
+    from pear_mega.models.build import attention_inputs, build_gpt_model
+    from pear_mega.models.checkpoint import load_checkpoint, read_checkpoint_meta
+    from pear_mega.models.forward import forward_logits
+    from pear_mega.parallel import destroy_parallel
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    arch = meta.arch
+    seqs = [s for s in probe_token_ids(hf_dir, prompts, arch.vocab_size) if s]
+    if not seqs:
+        raise ValueError("verify: every probe prompt tokenized to nothing")
+    ctx, keep = _init(tp, pp)
+    try:
+        model = build_gpt_model(arch, ctx, dtype=torch.float32, padded_vocab_size=meta.padded_vocab_size)
+        load_checkpoint(model, ckpt_dir, arch, ctx)
+        model.eval()
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long).unsqueeze(0).to(ctx.device)
+        lengths = torch.tensor([0] + [len(s) for s in seqs])
+        cu = torch.cumsum(lengths, 0)
+        position_ids, mask, packed = attention_inputs(cu, ids.shape[1], ctx.device)
+        with torch.no_grad():
+            logits = forward_logits(model, ctx, ids, position_ids, mask, packed)
+        report = None
+        if ctx.is_last_stage:
+            if ctx.tp_size > 1:
+                parts = [torch.empty_like(logits) for _ in range(ctx.tp_size)]
+                torch.distributed.all_gather(parts, logits.contiguous(), group=ctx.tp_group)
+                logits = torch.cat(parts, dim=-1)
+            if ctx.tp_rank == 0 and ctx.dp_rank == 0:
+                report = _compare_with_hf(hf_dir, seqs, logits[0, :, : arch.vocab_size].float().cpu())
+        # Hand the report to rank 0 (the last stage may live elsewhere).
+        reports = [None] * ctx.world_size
+        torch.distributed.all_gather_object(reports, report)
+        report = next((r for r in reports if r is not None), None)
+    finally:
+        destroy_parallel(keep_process_group=keep)
+    return report if ctx.rank == 0 else None
+
+
+def _compare_with_hf(hf_dir, seqs: list[list[int]], logits: torch.Tensor) -> VerifyReport:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    refs = []
+    with torch.no_grad():
+        for s in seqs:
+            refs.append(hf(torch.tensor([s])).logits[0].float())
+    ref = torch.cat(refs, dim=0)
+    diff = (logits - ref).abs()
+    agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return VerifyReport(diff.max().item(), diff.mean().item(), agree, ref.shape[0])

@@ -1,0 +1,133 @@
+"""Megatron DDP wrapping, optimizer, LR schedule and the guarded optimizer step.
+
+Shared by the SFT and RL trainers. The schedule is linear warmup then cosine decay to ``min_lr``
+(megatron's ``OptimizerParamScheduler``). Gradient normalization follows megatron's per-token
+contract: loss functions return the *sum* of their per-token losses and the number of tokens, the
+schedule accumulates the count on device, and ``finalize_model_grads`` divides the gradients by
+the global count after the DP all-reduce (``calculate_per_token_loss=True``), so results do not
+depend on how a global batch is split into microbatches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup + cosine decay and global-norm gradient clipping."""
+
+    lr: float = 1e-5
+    """Peak learning rate, reached after ``warmup_steps``."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    """'cosine', 'linear' or 'constant' after warmup."""
+    use_distributed_optimizer: bool | None = None
+    """Shard optimizer state over DP ranks; None = on GPU only."""
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        if self.decay_style not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.decay_style must be cosine|linear|constant, got {self.decay_style!r}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("optim.adam_beta1/adam_beta2 must be in [0, 1)")
+
+
+def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
+    """Wrap a megatron module in megatron's DDP (contiguous fp32 grad buffers)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # the guarded step below decides what a bad step is
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model_chunks: list[torch.nn.Module], cfg: OptimConfig, total_steps: int, dtype: torch.dtype):
+    """Return ``(optimizer, scheduler)`` for DDP-wrapped model chunks."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    use_dist = cfg.use_distributed_optimizer if cfg.use_distributed_optimizer is not None else torch.cuda.is_available()
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        params_dtype=dtype,
+        use_distributed_optimizer=use_dist,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    decay_steps = max(total_steps, cfg.warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.warmup_steps > 0 else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=cfg.decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool = True) -> tuple[bool, float]:
+    """Clip and apply the update only when the loss and the global grad norm are finite.
+
+    Megatron's fp32/bf16 optimizers check for inf/nan only under a loss scaler (fp16), so a NaN
+    loss would otherwise be applied and poison the weights. This is ``ChainedOptimizer.step``
+    with the finiteness check inserted between the norm and the update.
+
+    Returns:
+        ``(applied, grad_norm)``; when not applied the gradients are left for the caller to zero.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # loss-scaler overflow (fp16 only)
+        return False, float("inf")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not (loss_is_finite and math.isfinite(grad_norm)):
+        return False, grad_norm
+    if clip_grad > 0:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = opt.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(
+                    params,
+                    max_norm=clip_grad,
+                    total_norm=grad_norm,
+                    use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
+    optimizer.step_with_ready_grads()
+    return True, grad_norm

@@ -1,0 +1,34 @@
+"""The one switch per GPU-only code path.
+
+``use_gpu()`` decides between nccl/gloo, GPU/CPU tensors and bf16/fp32 defaults; ``te_available()``
+decides between megatron's Transformer Engine layer spec and its local (pure PyTorch) spec.
+Both are cached: the answer cannot change within a process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def use_gpu() -> bool:
+    """True when a CUDA device is visible to this process."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def te_available() -> bool:
+    """True when Transformer Engine imports together with megatron's TE extension.
+
+    A partial TE install makes ``megatron.core.extensions.transformer_engine`` raise at import, so
+    both imports are tried; any failure means "no TE".
+    """
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _mcore_te  # noqa: F401
+    except Exception:  # noqa: BLE001 (a broken TE build raises anything at import)
+        return False
+    return True

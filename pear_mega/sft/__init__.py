@@ -1,0 +1,1 @@
+"""PEAR-SFT: configuration, named recipes and the megatron-core trainer."""

@@ -1,0 +1,121 @@
+"""Typed configuration of a PEAR-SFT run.
+
+One nested dataclass per concern; each validates itself in ``__post_init__`` and cross-field
+checks live in ``SFTConfig.__post_init__``. Recipes (``pear_mega.sft.recipes``) are functions that
+return an ``SFTConfig``; the command line overrides single fields with ``dotted.key=value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pear_mega.optim import OptimConfig
+from pear_mega.parallel import ParallelConfig
+from pear_mega.pear import PearConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train and how it is materialized."""
+
+    hf_path: str = ""
+    """HF checkpoint directory (config.json, safetensors, tokenizer) to start from."""
+    load_weights: bool = True
+    """Load the HF weights (False: random init from the config; for tests and benchmarks)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 (CPU) or bfloat16 (GPU, with fp32 main params in the optimizer)."""
+    use_te: bool | None = None
+    """TransformerEngine layer spec: None = when transformer_engine imports and CUDA is present."""
+    recompute_activations: bool = False
+    """Full activation recompute per layer: roughly halves activation memory for ~20-30% time."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Offline data with behavior log-probs, tokenized and packed."""
+
+    train_files: tuple[str, ...] = ()
+    """jsonl/parquet files in the pear_mega.data format (messages or prompt/response + πβ log-probs)."""
+    seq_length: int = 1024
+    """Tokens per pack; every microbatch is one pack of exactly this many tokens."""
+    skip_bad_rows: bool = False
+    """Skip rows with missing/non-finite/misaligned log-probs (counted and reported) instead of failing."""
+    truncate: bool = False
+    """Truncate rows longer than seq_length (the loss mask ends there) instead of failing."""
+    seed: int = 1234
+    """Shuffle seed of the pack order."""
+
+    def __post_init__(self):
+        if self.seq_length < 8:
+            raise ValueError(f"data.seq_length must be >= 8, got {self.seq_length}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    global_batch_packs: int = 8
+    """Packs per optimizer step over all data-parallel ranks (= microbatches x DP size)."""
+    log_interval: int = 1
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or grad norm (skipped) before the run stops."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.global_batch_packs < 1:
+            raise ValueError(f"train.global_batch_packs must be >= 1, got {self.global_batch_packs}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""
+    """Where checkpoints go ("" = no checkpoints)."""
+    save_interval: int = 0
+    """Save every N steps (0 = only at the end)."""
+    resume: bool = True
+    """Continue from ``dir/latest`` when it exists."""
+    export_hf: str = ""
+    """Export the final model as an HF directory here ("" = no export)."""
+
+    def __post_init__(self):
+        if self.save_interval < 0:
+            raise ValueError(f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard_dir: str = ""
+    """TensorBoard event directory ("" = no tensorboard)."""
+    progress_bar: bool = True
+    histogram_interval: int = 10
+    """Write a histogram of the PEAR log-weights every N steps (0 = never)."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    name: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pear: PearConfig = field(default_factory=PearConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if not self.model.hf_path:
+            raise ValueError("model.hf_path is required (an HF checkpoint directory)")
+        if not self.data.train_files:
+            raise ValueError("data.train_files is required (jsonl/parquet files with behavior log-probs)")
+        if self.checkpoint.export_hf and not self.checkpoint.dir:
+            raise ValueError("checkpoint.export_hf needs checkpoint.dir (export reads the final checkpoint)")

@@ -1,0 +1,101 @@
+"""Named PEAR-SFT recipes: functions returning an ``SFTConfig``.
+
+``python -m pear_mega.train_sft --recipe NAME [dotted.key=value ...]``. Variants are derived from a
+base recipe in a few lines with ``dataclasses.replace``. Paths under ``outputs/`` are what
+``make quickstart`` and ``tools/collect_logprobs.py`` write; override them for your own data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pear_mega.config_tools import RecipeRegistry
+from pear_mega.optim import OptimConfig
+from pear_mega.parallel import ParallelConfig
+from pear_mega.pear import PearConfig
+from pear_mega.sft.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    SFTConfig,
+    TrainConfig,
+)
+
+RECIPES = RecipeRegistry("sft")
+
+
+@RECIPES.register
+def debug_sft() -> SFTConfig:
+    """CPU, seconds per step: a 6.8M-parameter random model with the SmolLM2 tokenizer."""
+    return SFTConfig(
+        name="debug_sft",
+        model=ModelConfig(hf_path="outputs/models/tiny-llama"),
+        data=DataConfig(train_files=("outputs/data/behavior.jsonl",), seq_length=256),
+        pear=PearConfig(level="token"),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, clip_grad=1.0),
+        train=TrainConfig(steps=20, global_batch_packs=2),
+        checkpoint=CheckpointConfig(dir="outputs/ckpt/debug_sft", save_interval=10),
+        logging=LoggingConfig(tensorboard_dir="outputs/tb/debug_sft"),
+    )
+
+
+@RECIPES.register
+def smollm2_pear_sft() -> SFTConfig:
+    """CPU: the pretrained SmolLM2-135M-Instruct on its own sampled answers (the quickstart)."""
+    return SFTConfig(
+        name="smollm2_pear_sft",
+        model=ModelConfig(hf_path="outputs/models/smollm2-135m-instruct"),
+        data=DataConfig(train_files=("outputs/data/behavior.jsonl",), seq_length=512),
+        pear=PearConfig(level="token"),
+        optim=OptimConfig(lr=2e-5, min_lr=2e-6, warmup_steps=2, clip_grad=1.0),
+        train=TrainConfig(steps=12, global_batch_packs=2),
+        checkpoint=CheckpointConfig(dir="outputs/ckpt/smollm2_pear_sft", export_hf="outputs/models/smollm2_pear_sft"),
+        logging=LoggingConfig(tensorboard_dir="outputs/tb/smollm2_pear_sft"),
+    )
+
+
+@RECIPES.register
+def smollm2_plain_sft() -> SFTConfig:
+    """The plain-SFT baseline of ``smollm2_pear_sft``: identical except every weight is 1."""
+    base = smollm2_pear_sft()
+    return replace(
+        base, name="smollm2_plain_sft", pear=replace(base.pear, level="none"),
+        checkpoint=CheckpointConfig(dir="outputs/ckpt/smollm2_plain_sft", export_hf="outputs/models/smollm2_plain_sft"),
+        logging=LoggingConfig(tensorboard_dir="outputs/tb/smollm2_plain_sft"),
+    )
+
+
+@RECIPES.register
+def qwen3_8b_pear_sft() -> SFTConfig:
+    """One 8xH100 node: Qwen3-8B, bf16, TP=2 x DP=4, 8k-token packs, distributed optimizer."""
+    return SFTConfig(
+        name="qwen3_8b_pear_sft",
+        model=ModelConfig(hf_path="/models/Qwen3-8B", dtype="bfloat16"),
+        data=DataConfig(train_files=("/data/pear/train.jsonl",), seq_length=8192),
+        pear=PearConfig(level="block", block_size=4),
+        parallel=ParallelConfig(tensor_parallel=2, pipeline_parallel=1),
+        optim=OptimConfig(lr=1e-5, min_lr=1e-6, warmup_steps=50, weight_decay=0.01, use_distributed_optimizer=True),
+        train=TrainConfig(steps=2000, global_batch_packs=64),
+        checkpoint=CheckpointConfig(dir="/checkpoints/qwen3_8b_pear_sft", save_interval=200),
+        logging=LoggingConfig(tensorboard_dir="/checkpoints/qwen3_8b_pear_sft/tb"),
+    )
+
+
+@RECIPES.register
+def llama3_70b_pear_sft() -> SFTConfig:
+    """4 nodes x 8 H100 (80 GB): Llama-3-70B, bf16, TP=8 x PP=4 x DP=1, recompute, 8k packs.
+
+    ``python -m pear_mega.plan --recipe llama3_70b_pear_sft`` prints the per-GPU memory budget.
+    """
+    return SFTConfig(
+        name="llama3_70b_pear_sft",
+        model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True),
+        data=DataConfig(train_files=("/data/pear/train.jsonl",), seq_length=8192),
+        pear=PearConfig(level="block", block_size=4),
+        parallel=ParallelConfig(tensor_parallel=8, pipeline_parallel=4),
+        optim=OptimConfig(lr=5e-6, min_lr=5e-7, warmup_steps=50, weight_decay=0.01, use_distributed_optimizer=True),
+        train=TrainConfig(steps=1000, global_batch_packs=64),
+        checkpoint=CheckpointConfig(dir="/checkpoints/llama3_70b_pear_sft", save_interval=100),
+        logging=LoggingConfig(tensorboard_dir="/checkpoints/llama3_70b_pear_sft/tb"),
+    )

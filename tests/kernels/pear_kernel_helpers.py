@@ -1,0 +1,156 @@
+"""Shared helpers for the fused PEAR loss tests: random packs, error-reporting comparisons and the
+tensor-parallel worker (a plain module, so that spawned ranks can import it by name)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from pear_mega.pear import PearConfig
+
+# (atol, rtol) per dtype. bf16: both sides see the same bf16 logits and accumulate in fp32, so the
+# forward differs only by summation order; the gradient is rounded to bf16 (2^-8 relative).
+TOLERANCES = {
+    torch.float32: dict(fwd=(2e-5, 1e-5), grad=(1e-7, 1e-4)),
+    torch.bfloat16: dict(fwd=(1e-4, 1e-4), grad=(1e-6, 1.6e-2)),
+}
+
+
+@dataclass
+class Pack:
+    logits: torch.Tensor  # [T, V]
+    labels: torch.Tensor  # [T] int64, -100 = no loss
+    beta: torch.Tensor  # [T] fp32
+    cu: torch.Tensor  # [B+1] int32
+
+
+def make_pack(
+    seqlens: list[int],
+    vocab: int,
+    *,
+    dtype=torch.float32,
+    mask_frac: float = 0.25,
+    masked_seqs: tuple[int, ...] = (),
+    seed: int = 0,
+    scale: float = 3.0,
+    last_masked: bool = True,
+) -> Pack:
+    """Random packed batch. Sequences listed in ``masked_seqs`` have no loss token at all; with
+    ``last_masked`` the last position of every sequence has label -100 (shifted-label layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(seqlens)
+    logits = (torch.randn(T, vocab, generator=gen) * scale).to(dtype)
+    labels = torch.randint(0, vocab, (T,), generator=gen)
+    labels[torch.rand(T, generator=gen) < mask_frac] = -100
+    bounds = [0]
+    for n in seqlens:
+        bounds.append(bounds[-1] + n)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a and last_masked:
+            labels[b - 1] = -100
+        if i in masked_seqs:
+            labels[a:b] = -100
+    # Behavior log-probs near the target's own so that δ spans both clip bounds.
+    logp = torch.log_softmax(logits.float(), -1).gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+    beta = torch.where(labels != -100, logp + torch.randn(T, generator=gen) * 0.3, 0.0)
+    return Pack(logits, labels, beta, torch.tensor(bounds, dtype=torch.int32))
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
+    """allclose with the max / mean error in the failure message."""
+    got_f, want_f = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got_f.shape == want_f.shape, f"{name}: shape {tuple(got_f.shape)} != {tuple(want_f.shape)}"
+    err = (got_f - want_f).abs()
+    bound = atol + rtol * want_f.abs()
+    if not bool(torch.all(err <= bound)) or not bool(torch.all(torch.isfinite(got_f) == torch.isfinite(want_f))):
+        worst = int((err - bound).argmax()) if err.numel() else 0
+        raise AssertionError(
+            f"{name}: max err {err.max().item():.3e}, mean err {err.mean().item():.3e} "
+            f"(atol {atol}, rtol {rtol}); worst flat index {worst}: got {got_f.flatten()[worst].item():.6e} "
+            f"want {want_f.flatten()[worst].item():.6e}"
+        )
+
+
+def compare_outputs(out, ref, grad, ref_grad, dtype, prefix: str = "") -> None:
+    tol = TOLERANCES[dtype]
+    assert_close(prefix + "loss", out.loss, ref.loss, *tol["fwd"])
+    assert_close(prefix + "logprobs", out.logprobs, ref.logprobs, *tol["fwd"])
+    assert_close(prefix + "log_weights", out.log_weights, ref.log_weights, *tol["fwd"])
+    assert_close(prefix + "entropy", out.entropy, ref.entropy, *tol["fwd"])
+    assert grad.dtype == ref_grad.dtype, f"{prefix}grad dtype {grad.dtype} != {ref_grad.dtype}"
+    assert_close(prefix + "grad", grad, ref_grad, *tol["grad"])
+
+
+def tp_worker(rank: int, world: int, init_file: str, case_file: str, out_dir: str) -> None:
+    """One tensor-parallel rank: runs fused_pear_loss on its vocab shard for every case and backend
+    and saves loss, per-token outputs and the shard gradient."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from pear_mega.kernels import fused_pear_loss
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        cases = torch.load(case_file, weights_only=False)
+        results = {}
+        for name, case in cases.items():
+            logits, shard = case["logits"], case["logits"].shape[1] // world
+            for backend in ("triton", "torch"):
+                x = logits[:, rank * shard : (rank + 1) * shard].clone().requires_grad_()
+                out = fused_pear_loss(
+                    x, case["labels"], case["beta"], case["cu"], PearConfig(**case["config"]),
+                    tp_group=dist.group.WORLD, vocab_start=rank * shard, vocab_size=case["vocab_size"],
+                    backend=backend,
+                )  # fmt: skip
+                out.loss.backward()
+                results[(name, backend)] = dict(
+                    loss=out.loss.detach(), logprobs=out.logprobs, log_weights=out.log_weights,
+                    entropy=out.entropy, grad=x.grad.clone(),
+                )  # fmt: skip
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def aot_compile_all(capability: int = 90) -> list[str]:
+    """Compile every Triton kernel of the PEAR loss for a CUDA target without a GPU (ahead of time,
+    through ptxas), for each constexpr variant the launchers use. Needs TRITON_INTERPRET unset."""
+    import triton
+    from pear_mega.kernels import pear_triton as pt
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", capability, 32)
+    row = {"stride_row": "i64", "labels_ptr": "*i64", "T": "i32", "vocab_start": "i32"}
+    seq = {"cu_ptr": "*i32", "labels_ptr": "*i64", "logp_ptr": "*fp32", "logpb_ptr": "*fp32",
+           "count_ptr": "*i32", "total_ptr": "*fp32", "scratch_ptr": "*fp32", "delta_lo": "fp32", "delta_hi": "fp32"}
+    variants = []
+    for dt in ("fp32", "bf16"):
+        for block_t, block_v in ((1, 4096), (1, 8192)):  # the GPU tiles of _row_blocks
+            c = {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": 8}
+            variants.append((pt._row_stats_kernel, {"logits_ptr": f"*{dt}", **row, "stats_ptr": "*fp32",
+                                                    "n_valid": "i32", "BLOCK_T": "constexpr", "BLOCK_V": "constexpr"}, c))
+            variants.append((pt._grad_kernel, {"logits_ptr": f"*{dt}", **row, "grad_ptr": f"*{dt}", "stride_grad": "i64",
+                                               "logz_ptr": "*fp32", "coef_ptr": "*fp32", "V_local": "i32", "n_valid": "i32",
+                                               "BLOCK_T": "constexpr", "BLOCK_V": "constexpr"}, c))
+    for store in (False, True):
+        variants.append((pt._seq_scan_kernel, {**seq, "STORE_RANKED": "constexpr", "BLOCK": "constexpr"},
+                         {"STORE_RANKED": store, "BLOCK": 1024}))
+    for level in range(4):
+        variants.append((pt._log_weights_kernel, {**seq, "logw_ptr": "*fp32", "inv_count_ptr": "*fp32", "logw_lo": "fp32",
+                                                  "logw_hi": "fp32", "log_gamma": "fp32", "block_size": "i32",
+                                                  "LEVEL": "constexpr", "BLOCK": "constexpr"}, {"LEVEL": level, "BLOCK": 1024}))
+    done = []
+    for fn, signature, constexprs in variants:
+        signature = {name: signature[name] for name in fn.arg_names}  # the kernel's argument order
+        options = {"num_warps": constexprs.pop("num_warps")} if "num_warps" in constexprs else {}
+        source = ASTSource(fn, signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=target, options=options)
+        assert "cubin" in compiled.asm, f"{fn.__name__}: no cubin produced"
+        done.append(f"{fn.__name__}{constexprs}")
+    return done
