@@ -19,7 +19,7 @@ from torch import Tensor
 
 from pear_mega.pear import IGNORE_INDEX, PearConfig
 
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per temporary
+CHUNK_ELEMENTS = 1 << 23  # 32 MiB of fp32 per temporary buffer
 
 
 def _rows_per_chunk(v_local: int) -> int:
@@ -36,33 +36,20 @@ def row_stats_torch(logits: Tensor, labels: Tensor, vocab_start: int, n_valid: i
     step = _rows_per_chunk(n_valid)
     local = labels - vocab_start
     owned = (labels != IGNORE_INDEX) & (local >= 0) & (local < n_valid)
+    # Two fp32 chunk buffers reused across chunks: fresh pages per chunk would cost page faults.
+    d_buf = torch.empty(min(step, T), n_valid, dtype=torch.float32, device=logits.device)
+    e_buf = torch.empty_like(d_buf)
     for r0 in range(0, T, step):
         r1 = min(T, r0 + step)
         x = logits[r0:r1, :n_valid]
-        m = x.max(dim=1, keepdim=True).values.float()
-        d = x - m  # fp32 (type promotion), a new buffer: the caller's logits stay untouched
-        e = d.exp()
+        m = torch.amax(x, dim=1, keepdim=True).float()
+        d = torch.sub(x, m, out=d_buf[: r1 - r0])  # the caller's logits stay untouched
+        e = torch.exp(d, out=e_buf[: r1 - r0])
         stats[r0:r1, 0] = m.squeeze(1)
         stats[r0:r1, 1] = e.sum(dim=1)
-        stats[r0:r1, 2] = torch.linalg.vecdot(e, d)
+        stats[r0:r1, 2] = d.mul_(e).sum(dim=1)  # d is not needed afterwards: no third buffer
         idx = local[r0:r1].clamp(0, n_valid - 1)[:, None]
         stats[r0:r1, 3] = torch.where(owned[r0:r1], x.gather(1, idx).squeeze(1).float(), 0.0)
-    return stats
-    step = _rows_per_chunk(n_valid)
-    local = labels - vocab_start
-    owned = (labels != IGNORE_INDEX) & (local >= 0) & (local < n_valid)
-    for r0 in range(0, T, step):
-        r1 = min(T, r0 + step)
-        x = logits[r0:r1, :n_valid].to(torch.float32, copy=True)  # never write into the caller's logits
-        m = x.max(dim=1, keepdim=True).values
-        d = x.sub_(m)  # reuse the fp32 chunk: d = x − m
-        e = d.exp()
-        stats[r0:r1, 0] = m.squeeze(1)
-        stats[r0:r1, 1] = e.sum(dim=1)
-        stats[r0:r1, 2] = torch.linalg.vecdot(e, d)
-        idx = local[r0:r1].clamp(0, n_valid - 1)[:, None]
-        tgt = d.gather(1, idx).squeeze(1) + m.squeeze(1)
-        stats[r0:r1, 3] = torch.where(owned[r0:r1], tgt, 0.0)
     return stats
 
 
@@ -79,14 +66,13 @@ def grad_torch(
     local = labels - vocab_start
     owned = (labels != IGNORE_INDEX) & (local >= 0) & (local < n_valid)
     direct = out.dtype == torch.float32  # compute straight into the output rows, no temporary
+    g_buf = None if direct else torch.empty(min(step, T), n_valid, dtype=torch.float32, device=logits.device)
     for r0 in range(0, T, step):
         r1 = min(T, r0 + step)
         c = coef[r0:r1, None]
         x = logits[r0:r1, :n_valid]
-        if direct:
-            g = torch.sub(x, log_z[r0:r1, None], out=out[r0:r1, :n_valid])
-        else:
-            g = x - log_z[r0:r1, None]
+        dst = out[r0:r1, :n_valid] if direct else g_buf[: r1 - r0]
+        g = torch.sub(x, log_z[r0:r1, None], out=dst)
         # x − log Z <= 0, so exp is finite and rows with coef 0 (no loss) get exactly 0.
         g.exp_().mul_(c)
         rows = torch.arange(r1 - r0, device=logits.device)[owned[r0:r1]]
@@ -114,7 +100,9 @@ def log_weights_torch(
     mask = loss_mask.bool()
     cu = cu_seqlens.to(device=dev, dtype=torch.int64)
     pos = torch.arange(T, device=dev)
-    seq = torch.searchsorted(cu[1:], pos, right=True)
+    # sequence id of every token: count the boundaries at or before it (empty sequences included)
+    starts = torch.zeros(T + 1, dtype=torch.int64, device=dev).index_add_(0, cu[1:-1], torch.ones_like(cu[1:-1]))
+    seq = starts[:T].cumsum(0)
     start, end = cu[seq], cu[(seq + 1).clamp_max(cu.numel() - 1)]
     lo, hi = config.delta_clip
     m64 = mask.double()

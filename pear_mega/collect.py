@@ -96,6 +96,15 @@ def make_llm(model_dir: str, *, seed: int = 0, dtype: str = "auto", gpu_memory_u
         torch.set_num_threads(threads)
 
 
+def close_llm(llm) -> None:
+    """Shut an engine from ``make_llm`` down and tear down the torch.distributed world it set up,
+    so that another engine (or a trainer) can start in this process afterwards."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the behavior model samples in ``generate``."""
@@ -240,7 +249,11 @@ def generate(llm, tokenizer, prompts: list[dict], sampling: SamplingConfig, *, b
                 "meta": {**copy.deepcopy(prompt.get("meta") or {}), "prompt_index": i, "sample_index": j,
                          "finish_reason": reason, "behavior": behavior_meta},
             }
-            report.non_canonical += int(not _loads(tokenizer, row, len(rows)))
+            try:
+                report.non_canonical += int(not _loads(tokenizer, row, len(rows)))
+            except DataError as exc:  # e.g. a template that rewrites the content: the row would not load
+                report.drop(exc.reason, f"{where}: {exc}")
+                continue
             rows.append(row)
     report.rows = len(rows)
     return rows, report

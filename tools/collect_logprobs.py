@@ -85,12 +85,15 @@ def main(argv: list[str] | None = None) -> None:
                            cpu_kv_cache_gib=args.cpu_kv_cache_gib)
     # The data loader's tokenizer, not vLLM's wrapper: collected rows must lay out as they will load.
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if args.command == "generate":
-        rows, report = collect.generate(llm, tokenizer, prompts, sampling, behavior=args.model)
-    else:
-        rows, report = collect.score(llm, tokenizer, list(read_rows(args.data)), file=args.data,
-                                     last_turn_only=args.last_turn_only, skip_bad_rows=args.skip_bad_rows,
-                                     behavior=args.model)
+    try:
+        if args.command == "generate":
+            rows, report = collect.generate(llm, tokenizer, prompts, sampling, behavior=args.model)
+        else:
+            rows, report = collect.score(llm, tokenizer, list(read_rows(args.data)), file=args.data,
+                                         last_turn_only=args.last_turn_only, skip_bad_rows=args.skip_bad_rows,
+                                         behavior=args.model)
+    finally:
+        collect.close_llm(llm)
     write_jsonl(args.out, rows)
     print(f"{args.out}: {report.summary()}", flush=True)
 

@@ -239,7 +239,7 @@ def tokenize_conversation(tokenizer, conv: Conversation, *, max_length: int | No
     tokens: list[int] = []
     loss_logprobs: dict[int, float] = {}  # token position -> log πβ of that token
     cursor, drop_first = 0, None
-    for k, rspan in enumerate(rspans):
+    for rspan in rspans:
         span = by_index[rspan.message_index]
         context = _encode(tokenizer, full[cursor:rspan.start])
         if drop_first is not None:

@@ -286,7 +286,7 @@ class RolloutEngine:
             "max_num_seqs": cfg.max_num_seqs,
             "enable_prefix_caching": cfg.enable_prefix_caching,
         }
-        if self.gpu:
+        if self.gpu:  # GPU path, not checked on GPU
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
         elif cfg.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
@@ -425,8 +425,8 @@ class RolloutEngine:
 
         start = time.perf_counter()
         if self.sleeping:
-            # Weights first, KV cache after the refit: the old KV cache, the old weights and the
-            # incoming tensors are never resident together.
+            # GPU path, not checked on GPU. Weights first, KV cache after the refit: the KV cache
+            # and the incoming tensors are never resident together.
             self.llm.wake_up(tags=["weights"])
         for bucket in iter_buckets(tracked(), bucket_bytes):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(bucket)})

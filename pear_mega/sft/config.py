@@ -50,8 +50,15 @@ class DataConfig:
     """Truncate rows longer than seq_length (the loss mask ends there) instead of failing."""
     seed: int = 1234
     """Shuffle seed of the pack order."""
+    token_check: str = "decode"
+    """How stored behavior tokens are checked against the text: "decode" (they must decode exactly
+    to the assistant content, at the right place in the chat template) or "retokenize" (they must
+    also equal the tokenizer's canonical tokenization; rejects samples like "Ans"+"wer" that a
+    sampler legitimately produces). The trained tokens are the stored ones either way."""
 
     def __post_init__(self):
+        if self.token_check not in ("decode", "retokenize"):
+            raise ValueError(f"data.token_check must be 'decode' or 'retokenize', got {self.token_check!r}")
         if self.seq_length < 8:
             raise ValueError(f"data.seq_length must be >= 8, got {self.seq_length}")
 

@@ -89,6 +89,7 @@ class SFTTrainer:
             dp_size=self.ctx.dp_size,
             skip_bad_rows=cfg.data.skip_bad_rows,
             truncate=cfg.data.truncate,
+            token_check=cfg.data.token_check,
         )
         if self.ctx.rank == 0:
             print(f"data: {self.data.stats.summary()}", flush=True)

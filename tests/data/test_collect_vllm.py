@@ -25,11 +25,11 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    from pear_mega.collect import make_llm
+    from pear_mega.collect import close_llm, make_llm
 
     engine = make_llm(model_dir, seed=0, max_model_len=1024, cpu_kv_cache_gib=0.25)
     yield engine
-    del engine
+    close_llm(engine)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,8 @@ def test_generate_logprobs_are_the_tempered_sampling_distribution(hf, tokenizer,
     rows, report = tempered
     assert report.rows == len(rows) == 4 and not report.dropped
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # The 2-shot prompt makes the model answer and end its turn: the end-of-turn path is exercised.
+    assert any(row["meta"]["finish_reason"] == "stop" for row in rows)
     for row in rows:
         msg = row["messages"][-1]
         assert row["meta"]["behavior"]["temperature"] == T and row["meta"]["task"] == "basic_arithmetic"

@@ -11,6 +11,9 @@ import torch
 
 from pear_mega.pear import PearConfig
 
+# Compiled Triton needs CUDA tensors; the interpreter (CPU machines) takes CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
+
 # (atol, rtol) per dtype. bf16: both sides see the same bf16 logits and accumulate in fp32, so the
 # forward differs only by summation order; the gradient is rounded to bf16 (2^-8 relative).
 TOLERANCES = {
@@ -37,6 +40,7 @@ def make_pack(
     seed: int = 0,
     scale: float = 3.0,
     last_masked: bool = True,
+    device: str = DEVICE,
 ) -> Pack:
     """Random packed batch. Sequences listed in ``masked_seqs`` have no loss token at all; with
     ``last_masked`` the last position of every sequence has label -100 (shifted-label layout)."""
@@ -56,7 +60,8 @@ def make_pack(
     # Behavior log-probs near the target's own so that δ spans both clip bounds.
     logp = torch.log_softmax(logits.float(), -1).gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
     beta = torch.where(labels != -100, logp + torch.randn(T, generator=gen) * 0.3, 0.0)
-    return Pack(logits, labels, beta, torch.tensor(bounds, dtype=torch.int32))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    return Pack(logits.to(device), labels.to(device), beta.to(device), cu.to(device))
 
 
 def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
@@ -89,6 +94,9 @@ def tp_worker(rank: int, world: int, init_file: str, case_file: str, out_dir: st
     and saves loss, per-token outputs and the shard gradient."""
     import torch.distributed as dist
 
+    # Ranks share CPU tensors over gloo, so Triton runs under the interpreter even on a GPU machine
+    # (set before pear_mega.kernels loads triton).
+    os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     from pear_mega.kernels import fused_pear_loss
 

@@ -12,7 +12,7 @@ from pear_mega.kernels import PearLossOutput, fused_pear_loss
 from pear_mega.kernels.pear_torch import log_weights_torch
 from pear_mega.pear import PearConfig, pear_loss_eager, reference_log_weights, reference_pear_loss
 
-from pear_kernel_helpers import TOLERANCES, assert_close, compare_outputs, make_pack  # isort: skip
+from pear_kernel_helpers import DEVICE, TOLERANCES, assert_close, compare_outputs, make_pack  # isort: skip
 
 BACKENDS = ["triton", "torch"]
 NON_DEFAULT = PearConfig(level="block", block_size=2, gamma=0.95, delta_clip=(-0.2, 0.25), log_weight_clip=(-1.5, 0.5))
@@ -83,7 +83,7 @@ def test_every_level_and_normalization(level, normalization, backend):
 @pytest.mark.parametrize("normalizer", [7.0, "tensor"])
 def test_explicit_normalizer(backend, normalizer):
     pack = make_pack(**SHAPES["T37_V1000"], seed=4)
-    norm = torch.tensor(123.0) if normalizer == "tensor" else normalizer
+    norm = torch.tensor(123.0, device=DEVICE) if normalizer == "tensor" else normalizer
     for normalization in ("tokens", "sequences", "weights"):
         cfg = PearConfig(normalization=normalization)
         out, grad = _run(pack, cfg, backend, normalizer=norm)
@@ -141,6 +141,7 @@ def test_scan_over_long_sequences(level):
     lp = -torch.rand(T, generator=gen) * 2
     lb = lp + torch.randn(T, generator=gen) * 0.05
     cfg = PearConfig(level=level, block_size=5, gamma=0.999, log_weight_clip=(-3.0, 3.0))
+    lp, lb, labels, cu = lp.to(DEVICE), lb.to(DEVICE), labels.to(DEVICE), cu.to(DEVICE)
     mask = labels != -100
     ref = reference_log_weights(lp, lb, mask, cu, cfg)
     got_triton, inv_triton, nonempty = log_weights_triton(lp, lb, labels, cu, cfg)
@@ -148,7 +149,8 @@ def test_scan_over_long_sequences(level):
     assert_close(f"{level}/triton", got_triton, ref, 2e-5, 1e-5)
     assert_close(f"{level}/torch", got_torch, ref, 2e-5, 1e-5)
     counts = torch.tensor([int(mask[a:b].sum()) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
-    expected_inv = torch.where(mask, 1.0 / torch.repeat_interleave(counts, (cu[1:] - cu[:-1]).long()), 0.0)
+    per_token = torch.repeat_interleave(counts, (cu[1:] - cu[:-1]).long().cpu()).to(DEVICE)
+    expected_inv = torch.where(mask, 1.0 / per_token, 0.0)
     assert_close("inv_count/triton", inv_triton, expected_inv, 1e-7, 1e-6)
     assert_close("inv_count/torch", inv_torch, expected_inv, 1e-7, 1e-6)
     assert int(nonempty) == int((counts > 0).sum())
@@ -158,7 +160,7 @@ def _bad(**overrides):
     pack = make_pack([4, 5], 32, seed=9)
     args = dict(logits=pack.logits, labels=pack.labels, behavior_logprobs=pack.beta, cu_seqlens=pack.cu,
                 config=PearConfig())  # fmt: skip
-    args.update(overrides)
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in overrides.items()})
     return args
 
 
@@ -174,7 +176,7 @@ def _beta_with(index, value):
     return beta
 
 
-_LOSS_ROW = int(torch.nonzero(make_pack([4, 5], 32, seed=9).labels != -100)[1])
+_LOSS_ROW = int(torch.nonzero(make_pack([4, 5], 32, seed=9, device="cpu").labels != -100)[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from pear_mega.kernels import fused_pear_loss
 from pear_mega.pear import PearConfig, reference_pear_loss
 
-from pear_kernel_helpers import TOLERANCES, assert_close, make_pack, tp_worker  # isort: skip
+from pear_kernel_helpers import DEVICE, TOLERANCES, assert_close, make_pack, tp_worker  # isort: skip
 
 WORLD = 2
 CASES = {
@@ -29,7 +29,7 @@ CASES = {
 def _build_cases():
     cases = {}
     for i, (name, spec) in enumerate(CASES.items()):
-        pack = make_pack(seed=20 + i, **spec["pack"])
+        pack = make_pack(seed=20 + i, device="cpu", **spec["pack"])
         if spec["vocab_size"] is not None:
             v = spec["vocab_size"]
             pack.labels = torch.where(pack.labels >= v, pack.labels % v, pack.labels)
@@ -71,8 +71,9 @@ def test_tp2_matches_tp1(tmp_path):
         ref = reference_pear_loss(x_ref, case["labels"], case["beta"], case["cu"], config, vocab_size=case["vocab_size"])
         ref.loss.backward()
         for backend in ("triton", "torch"):
-            x = case["logits"].clone().requires_grad_()
-            tp1 = fused_pear_loss(x, case["labels"], case["beta"], case["cu"], config,
+            x = case["logits"].to(DEVICE, copy=True).requires_grad_()
+            on = {k: case[k].to(DEVICE) for k in ("labels", "beta", "cu")}
+            tp1 = fused_pear_loss(x, on["labels"], on["beta"], on["cu"], config,
                                   vocab_size=case["vocab_size"], backend=backend)  # fmt: skip
             tp1.loss.backward()
             grad_tp2 = torch.cat([ranks[r][(name, backend)]["grad"] for r in range(WORLD)], dim=1)

@@ -5,7 +5,6 @@ each with HF reference logits for the probe batch (``ref.pt``). The rank launche
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> str:
+def smollm2_dir(tmp_path_factory) -> str:
     """SmolLM2-135M-Instruct as an HF dir (converted once from the PyPI GGUF), with reference logits."""
     try:
         from pear_mega.pretrained import smollm2_135m_instruct
@@ -115,7 +114,7 @@ def smollm2_dir() -> str:
         path = smollm2_135m_instruct()
     except (ImportError, FileNotFoundError) as exc:
         pytest.skip(f"SmolLM2-135M-Instruct is not available: {exc}")
-    ref_dir = Path(tempfile.mkdtemp(prefix="smollm2-ref-"))
+    ref_dir = tmp_path_factory.mktemp("smollm2_ref")
     # The reference goes next to a link to the checkpoint (the cache directory is shared).
     for item in Path(path).iterdir():
         (ref_dir / item.name).symlink_to(item)

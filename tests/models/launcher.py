@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,8 +90,13 @@ def run_ranks(scenario: str, world_size: int, args: dict, *, timeout: float) -> 
         for rank in range(world_size):
             text = (out_dir / f"rank{rank}.log").read_text(errors="replace")
             tails.append(f"--- rank {rank} (exit {codes[rank]}) ---\n{text[-4000:]}")
-        raise AssertionError(f"scenario {scenario} on {world_size} ranks: {problem or 'non-zero exit'}\n" + "\n".join(tails))
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+        raise AssertionError(
+            f"scenario {scenario} on {world_size} ranks: {problem or 'non-zero exit'} (logs in {out_dir})\n"
+            + "\n".join(tails)
+        )
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return results
 
 
 def rows(results: list[dict], key: str = "rows") -> list[dict]:

@@ -1,0 +1,300 @@
+"""Typed configuration of a colocated GRPO / PPO run.
+
+One nested dataclass per concern, each validating itself in ``__post_init__``; cross-field checks
+live in ``RLConfig.__post_init__``. Recipes (``pear_mega.rl.recipes``) are functions returning an
+``RLConfig``; the command line overrides single fields with ``dotted.key=value`` exactly like
+``pear_mega.train_sft`` (``algorithm.grpo.kl_coef=0.01``, ``rollout.n=4``, ...).
+
+The policy-loss knobs (clip range, KL to the reference policy and its estimator k1/k2/k3, entropy
+coefficient, TIS cap, dynamic sampling, over-long handling) are the fields of
+``pear_mega.rl.algorithms.GRPOConfig`` / ``PPOConfig``, used as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from pear_mega.optim import OptimConfig
+from pear_mega.parallel import ParallelConfig
+from pear_mega.rl.algorithms import GRPOConfig, PPOConfig
+from pear_mega.sft.config import CheckpointConfig, ModelConfig
+
+ALGORITHMS = ("grpo", "ppo")
+TASK_SOURCES = ("reasoning_gym", "jsonl", "synthetic")
+SYNTHETIC_REWARDS = ("low_ids",)
+
+__all__ = [
+    "AlgorithmConfig",
+    "CheckpointConfig",
+    "CriticConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "RLConfig",
+    "RefitConfig",
+    "RolloutSettings",
+    "TaskConfig",
+    "TrainConfig",
+]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Where prompts and their verifiable rewards come from."""
+
+    source: str = "reasoning_gym"
+    """'reasoning_gym' (procedural tasks with their own verifiers), 'jsonl' (prompts with gold
+    answers, scored by math-verify) or 'synthetic' (a dense token-level reward for mechanics tests)."""
+    tasks: tuple[str, ...] = ("basic_arithmetic",)
+    """reasoning-gym task names (source='reasoning_gym'); prompts of all tasks are mixed."""
+    task_config: str = "{}"
+    """reasoning-gym dataset settings as JSON, the same for every task, e.g. '{"max_digits": 1}'."""
+    size: int = 256
+    """Prompts per task (reasoning_gym / synthetic); the cursor cycles through them in epochs."""
+    seed: int = 0
+    """Seed of the task items (reasoning-gym) and of the per-epoch prompt order."""
+    num_shots: int = 2
+    """Few-shot demonstrations per prompt (reasoning_gym, jsonl): they fix the ``Answer:`` format."""
+    prompts_file: str = ""
+    """source='jsonl': rows {"prompt": str | "messages": [...], "answer": str | int}."""
+    synthetic_reward: str = "low_ids"
+    """source='synthetic': 'low_ids' = fraction of response tokens with id < vocab/2 (random policy: 0.5)."""
+    synthetic_prompt_tokens: int = 8
+    """source='synthetic': random prompt length in tokens."""
+
+    def __post_init__(self):
+        if self.source not in TASK_SOURCES:
+            raise ValueError(f"task.source must be one of {TASK_SOURCES}, got {self.source!r}")
+        if self.source == "reasoning_gym" and not self.tasks:
+            raise ValueError("task.tasks: give at least one reasoning-gym task name")
+        if self.source == "jsonl" and not self.prompts_file:
+            raise ValueError("task.prompts_file is required when task.source='jsonl'")
+        if self.synthetic_reward not in SYNTHETIC_REWARDS:
+            raise ValueError(f"task.synthetic_reward must be one of {SYNTHETIC_REWARDS}, got {self.synthetic_reward!r}")
+        if self.size < 1:
+            raise ValueError(f"task.size must be >= 1, got {self.size}")
+        if self.seed < 0:
+            raise ValueError(f"task.seed must be >= 0, got {self.seed}")
+        if self.num_shots < 0:
+            raise ValueError(f"task.num_shots must be >= 0, got {self.num_shots}")
+        if self.synthetic_prompt_tokens < 1:
+            raise ValueError(f"task.synthetic_prompt_tokens must be >= 1, got {self.synthetic_prompt_tokens}")
+        self.task_settings()
+
+    def task_settings(self) -> dict:
+        """``task_config`` parsed (ValueError naming the field when it is not a JSON object)."""
+        try:
+            value = json.loads(self.task_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"task.task_config is not valid JSON ({e.msg}): {self.task_config!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"task.task_config must be a JSON object, got {self.task_config!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """Sampling and the colocated vLLM engine (built on global rank 0)."""
+
+    prompts_per_step: int = 8
+    """G: prompts per RL step."""
+    n: int = 8
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same temperature (logits / T)."""
+    top_p: float = 1.0
+    """Nucleus sampling; < 1 makes π_rollout a truncated π (the mismatch metrics show it; TIS corrects it)."""
+    max_tokens: int = 64
+    """Response length limit; a response cut here is 'truncated' (see the over-long options)."""
+    max_model_len: int = 1024
+    """Engine context: prompt + response tokens."""
+    engine_seed: int = 0
+    """vLLM seed; each step's sampling is reseeded from (engine_seed, step, round), so a resumed
+    run draws the samples an uninterrupted one would."""
+    dtype: str = ""
+    """Engine dtype; '' = the model's (float32 on CPU, bfloat16 on GPU)."""
+    kv_cache_gib: float = 1.0
+    """CPU: KV cache size (vLLM's kv_cache_memory_bytes)."""
+    gpu_memory_utilization: float = 0.3
+    """GPU: share of the device vLLM may take (the trainer lives on the same GPU)."""
+    max_num_seqs: int = 128
+    enforce_eager: bool = True
+    num_threads: int = 0
+    """CPU: torch threads of the trainer process after the engine starts; 0 = unchanged."""
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "n", "max_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature must be > 0 (log-probs are taken at it), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_model_len <= self.max_tokens:
+            raise ValueError(f"rollout.max_model_len ({self.max_model_len}) must exceed rollout.max_tokens ({self.max_tokens})")
+        if self.dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout.dtype must be '', float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_threads < 0 or self.engine_seed < 0:
+            raise ValueError("rollout.num_threads and rollout.engine_seed must be >= 0")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """GRPO or PPO, and how one rollout batch is turned into optimizer steps."""
+
+    name: str = "grpo"
+    """'grpo' (group-relative advantages, no critic) or 'ppo' (critic + GAE)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO loss options; ``group_size`` is always ``rollout.n`` (set by RLConfig)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO loss and GAE options."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Optimizer steps per pass (the batch's sequences split evenly); epochs x minibatches > 1 is off-policy."""
+    whiten_advantages: bool = True
+    """PPO: normalize GAE advantages to zero mean / unit std over the global batch."""
+    dynamic_sampling_max_rounds: int = 4
+    """With dynamic sampling: generation rounds per step to fill the batch with informative groups."""
+
+    def __post_init__(self):
+        if self.name not in ALGORITHMS:
+            raise ValueError(f"algorithm.name must be one of {ALGORITHMS}, got {self.name!r}")
+        if self.ppo_epochs < 1 or self.minibatches < 1:
+            raise ValueError("algorithm.ppo_epochs and algorithm.minibatches must be >= 1")
+        if self.dynamic_sampling_max_rounds < 1:
+            raise ValueError(f"algorithm.dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
+
+    @property
+    def policy(self) -> GRPOConfig | PPOConfig:
+        return self.grpo if self.name == "grpo" else self.ppo
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.ppo_epochs * self.minibatches
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """The PPO value model: the policy's architecture with a scalar value head (untied)."""
+
+    hf_path: str = ""
+    """Initial trunk weights; '' = model.hf_path."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+
+    def __post_init__(self):
+        pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    """RL steps (each: rollout batch, epochs x minibatches optimizer steps, weight sync)."""
+    seq_length: int = 1024
+    """Tokens per training pack; every prompt + response must fit."""
+    max_bad_steps: int = 3
+    """Consecutive optimizer steps with a non-finite loss or grad norm (skipped) before the run stops."""
+    log_interval: int = 1
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.seq_length < 8:
+            raise ValueError(f"train.seq_length must be >= 8, got {self.seq_length}")
+        if self.max_bad_steps < 1 or self.log_interval < 1:
+            raise ValueError("train.max_bad_steps and train.log_interval must be >= 1")
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """Weight sync trainer → engine and its verification on fixed probe sequences."""
+
+    bucket_mb: int = 256
+    """Bound of one reload call (cut between layers only)."""
+    verify_interval: int = 1
+    """Compare engine and trainer log-probs on the probes every N steps (0 = never)."""
+    tol: float = 1e-3
+    """Max |Δ log-prob| (nats) allowed; beyond it the run stops. fp32: 1e-3; bf16 needs ~0.5."""
+    num_probes: int = 2
+    """Probe sequences: the first N task prompts with their gold answer as the response."""
+
+    def __post_init__(self):
+        if self.bucket_mb < 1:
+            raise ValueError(f"refit.bucket_mb must be >= 1, got {self.bucket_mb}")
+        if self.verify_interval < 0:
+            raise ValueError(f"refit.verify_interval must be >= 0, got {self.verify_interval}")
+        if not self.tol > 0:
+            raise ValueError(f"refit.tol must be > 0, got {self.tol}")
+        if self.num_probes < 1:
+            raise ValueError(f"refit.num_probes must be >= 1, got {self.num_probes}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard_dir: str = ""
+    """TensorBoard event directory ('' = none)."""
+    progress_bar: bool = True
+    update_sparsity: bool = True
+    """Track per-step / cumulative update sparsity and drift (two fp32 copies of the parameters)."""
+    sparsity_tol: float = 0.0
+    """A parameter counts as changed when |Δ| > this."""
+    kl_to_init: bool = True
+    """Log KL(π ‖ π_init) (needs the reference model even when the KL coefficient is 0)."""
+    sample_interval: int = 0
+    """Print one sampled response every N steps (0 = never)."""
+
+    def __post_init__(self):
+        if self.sparsity_tol < 0:
+            raise ValueError(f"logging.sparsity_tol must be >= 0, got {self.sparsity_tol}")
+        if self.sample_interval < 0:
+            raise ValueError(f"logging.sample_interval must be >= 0, got {self.sample_interval}")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    name: str = "rl"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refit: RefitConfig = field(default_factory=RefitConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if not self.model.hf_path:
+            raise ValueError("model.hf_path is required (an HF checkpoint directory)")
+        if self.checkpoint.export_hf and not self.checkpoint.dir:
+            raise ValueError("checkpoint.export_hf needs checkpoint.dir (export follows the final checkpoint)")
+        if self.train.seq_length < self.rollout.max_tokens + 1:
+            raise ValueError(f"train.seq_length ({self.train.seq_length}) must exceed rollout.max_tokens "
+                             f"({self.rollout.max_tokens})")
+        # GRPO's group is the n samples of one prompt: one number, kept in rollout.n.
+        if self.algorithm.grpo.group_size != self.rollout.n:
+            object.__setattr__(self, "algorithm", replace(
+                self.algorithm, grpo=replace(self.algorithm.grpo, group_size=self.rollout.n)))
+        policy = self.algorithm.policy
+        if self.algorithm.name == "grpo" and self.rollout.n < 2:
+            raise ValueError(f"rollout.n must be >= 2 for GRPO's group-relative advantages, got {self.rollout.n}")
+        if policy.overlong_mode == "soft_penalty" and policy.overlong_buffer > self.rollout.max_tokens:
+            raise ValueError(f"algorithm.{self.algorithm.name}.overlong_buffer ({policy.overlong_buffer}) must be "
+                             f"<= rollout.max_tokens ({self.rollout.max_tokens})")
+        if self.algorithm.name == "ppo" and self.algorithm.ppo.dual_clip is not None and self.algorithm.ppo.dual_clip <= 1:
+            raise ValueError("algorithm.ppo.dual_clip must be > 1")
+
+    @property
+    def policy(self) -> GRPOConfig | PPOConfig:
+        return self.algorithm.policy
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen copy of the initial policy is built for the KL term or the KL-to-init metric."""
+        return self.policy.kl_coef > 0 or self.logging.kl_to_init

@@ -1,0 +1,684 @@
+"""Colocated GRPO / PPO on megatron-core with an in-process vLLM rollout engine.
+
+One RL step, one phase per line (``RLTrainer.train_step``)::
+
+    seqs     = generate()          rank 0: vLLM samples n responses per prompt, verifiable rewards,
+                                   over-long shaping, dynamic sampling → broadcast to every rank
+    exp      = recompute(seqs)     forward-only: log π_old and entropy (policy), log π_ref
+                                   (frozen initial policy), V (critic, PPO)
+    adv      = advantages(...)     GRPO: group-relative per sequence; PPO: GAE on token rewards
+    train    = update(...)         ppo_epochs x minibatches optimizer steps (megatron schedule)
+    sync     = sync_weights()      iter_hf_tensors → RolloutEngine.update_weights (bucketed)
+    verify   = verify_refit()      probe log-probs: engine vs trainer, beyond tol → stop
+    drift    = snapshot.update()   update sparsity, parameter drift
+
+Layout. Every rank builds the policy (DDP + optimizer), the reference model and, for PPO, the
+critic, split by TP/PP/DP like the SFT trainer. The vLLM engine lives on global rank 0 only; its
+rollouts are broadcast with ``broadcast_object_list``. Sequence ``i`` stays on DP rank ``i % dp``
+for the whole step (``pear_mega.rl.experience``), and its per-token tensors (old/ref log-probs,
+values, advantages) live on the last pipeline stage of that DP rank, where the loss is computed.
+
+Log-probs. All trainer log-probs are at the sampling temperature T (logits / T): the rollout
+engine reports log-probs of its sampling distribution, so train/rollout mismatch compares like
+with like (top_p < 1 adds the truncation to it). Detached log-probs and entropies come from the
+fused PEAR kernel at level "none"; the differentiable log-prob of the policy loss is megatron's
+``vocab_parallel_cross_entropy`` on the vocab-parallel logits, padded vocabulary columns masked to
+−inf first. Refit verification compares at temperature 1 (vLLM's prompt log-probs).
+
+Loss normalization follows megatron's per-token contract (``calculate_per_token_loss``): each
+microbatch returns Σ_t mask_t·ℓ_t (``normalizer=1``) and its loss-token count; megatron divides
+the gradients by the global count after the DP all-reduce — the token-level mean of DAPO Eq. 12.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pear_mega.checkpointing import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from pear_mega.config_tools import to_dict
+from pear_mega.metrics_log import MetricsWriter
+from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
+from pear_mega.pear import IGNORE_INDEX, PearConfig
+from pear_mega.rl.config import RLConfig
+from pear_mega.rl.experience import (
+    Experience,
+    RolloutSequence,
+    collect_rollouts,
+    gather_from_pack,
+    pack_sequences,
+    padded,
+    plan_microbatches,
+    scatter_to_pack,
+    shard_of,
+)
+
+_LOGPROBS_ONLY = PearConfig(level="none")
+# metrics reduced with MAX (over microbatches and DP ranks) instead of a token-weighted mean
+_MAX_KEYS = ("train/ratio_max", "rollout/logp_abs_diff_max")
+# metrics that are already token sums (normalizer=1) rather than per-microbatch means
+_SUM_KEYS = ("train/pg_loss", "train/loss", "train/value_loss")
+_CRITIC_RENAME = {"train/grad_norm": "train/critic_grad_norm", "train/step_applied": "train/critic_step_applied",
+                  "train/lr": "train/critic_lr"}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Differentiable entropy of softmax over vocab-parallel logits ``[T, V_valid_local]`` → ``[T]``.
+
+        m = max_v z_v (all ranks, no gradient),  S = Σ_v e^{z_v − m},  Z = Σ_v e^{z_v − m}(z_v − m)
+        H = log S − Z / S
+
+    The partial sums are all-reduced with megatron's reduce_from_tensor_model_parallel_region
+    (identity backward), so each rank gets the gradient of its own shard.
+    """
+    z = logits.float()
+    if z.shape[-1]:
+        m = z.detach().max(dim=-1).values
+    else:
+        m = torch.full(z.shape[:-1], float("-inf"), device=z.device)
+    if tp_group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    shifted = z - m.unsqueeze(-1)
+    e = shifted.exp()
+    sums = torch.stack([e.sum(-1), (e * shifted).sum(-1)])
+    if tp_group is not None:
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        sums = reduce_from_tensor_model_parallel_region(sums, group=tp_group)
+    return sums[0].log() - sums[1] / sums[0]
+
+
+class RLTrainer:
+    """Builds policy, reference, critic, prompt source and rollout engine from an ``RLConfig``."""
+
+    def __init__(self, cfg: RLConfig):
+        from megatron.core import parallel_state as ps
+
+        from pear_mega.models import ModelArch
+        from pear_mega.parallel import init_parallel
+
+        self.cfg = cfg
+        self.ctx = init_parallel(cfg.parallel)
+        self.is_rank0 = self.ctx.rank == 0
+        self.dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        self.arch = ModelArch.from_hf(cfg.model.hf_path)
+        self.pad_id = int(self.arch.hf_config.get("pad_token_id") or 0)
+        self.is_ppo = cfg.algorithm.name == "ppo"
+        self.tp_group = self.ctx.tp_group if self.ctx.tp_size > 1 else None
+        coords = [None] * self.ctx.world_size
+        dist.all_gather_object(coords, (self.ctx.tp_rank, self.ctx.pp_rank, self.ctx.dp_rank))
+        # The rank whose reduced metrics go to rank 0: last stage of data-parallel replica 0.
+        self.metrics_src = coords.index((0, self.ctx.pp_size - 1, 0))
+        total_updates = cfg.train.steps * cfg.algorithm.updates_per_step
+
+        self.policy = [self._build_trainable(self._build_model(cfg.model.hf_path))]
+        self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim, total_updates, self.dtype)
+        self.ref = self._build_frozen() if cfg.needs_reference else None
+        if self.is_ppo:
+            from pear_mega.rl.critic import build_critic
+
+            critic = build_critic(self.arch, self.ctx, cfg.critic.hf_path or cfg.model.hf_path, dtype=self.dtype,
+                                  use_te=cfg.model.use_te, load_weights=cfg.model.load_weights)
+            self.critic = [self._build_trainable(critic)]
+            self.critic_optimizer, self.critic_scheduler = build_optimizer(
+                self.critic, cfg.critic.optim, total_updates, self.dtype)
+
+        self.step = 0
+        self.bad_streak = 0
+        self.data_state: dict = {}
+        resumed_from = None
+        if cfg.checkpoint.dir and cfg.checkpoint.resume:
+            resumed_from = latest_checkpoint(cfg.checkpoint.dir)
+            if resumed_from is not None:
+                self.step, self.data_state = load_checkpoint(resumed_from, self.policy, self.optimizer,
+                                                             self.scheduler, self.ctx)
+                if self.is_ppo:
+                    load_checkpoint(Path(cfg.checkpoint.dir) / "critic" / checkpoint_name(self.step), self.critic,
+                                    self.critic_optimizer, self.critic_scheduler, self.ctx)
+
+        self.engine = self.source = None
+        probes = self._on_rank0(self._start_engine)
+        self.probe_seqs = [RolloutSequence(-1, p, r, [0.0] * len(r), 0.0, 0.0) for p, r in zip(*probes)]
+        self.snapshot = None
+        if cfg.logging.update_sparsity:
+            self.snapshot = self._param_snapshot(ps.get_model_parallel_group(), resumed=resumed_from is not None)
+        if resumed_from is not None:
+            self._print(f"resumed from {resumed_from} at step {self.step}")
+            self.sync_weights()
+            if cfg.refit.verify_interval:
+                self.verify_refit()
+        self.metrics = MetricsWriter(self.ctx.rank, cfg.train.steps, cfg.logging.tensorboard_dir,
+                                     cfg.logging.progress_bar, initial_step=self.step, desc=cfg.name)
+
+    # ------------------------------------------------------------------ construction
+    def _build_model(self, hf_path: str):
+        from pear_mega.models import build_gpt_model, load_hf_checkpoint
+
+        model = build_gpt_model(self.arch, self.ctx, dtype=self.dtype, use_te=self.cfg.model.use_te)
+        if self.cfg.model.load_weights:
+            load_hf_checkpoint(model, hf_path, self.arch, self.ctx)
+        return model
+
+    def _build_trainable(self, model):
+        from megatron.core.distributed import finalize_model_grads
+
+        if self.cfg.model.recompute_activations:
+            model.config.recompute_granularity = "full"
+            model.config.recompute_method = "uniform"
+            model.config.recompute_num_layers = 1
+        model.config.calculate_per_token_loss = True
+        model.config.finalize_model_grads_func = finalize_model_grads
+        use_dist = self.cfg.optim.use_distributed_optimizer
+        return wrap_ddp(model, use_dist if use_dist is not None else torch.cuda.is_available())
+
+    def _build_frozen(self):
+        model = self._build_model(self.cfg.model.hf_path)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
+    def _start_engine(self):
+        """Rank 0: the vLLM engine on the initial weights, the prompt source and the probes."""
+        from pear_mega.rl.experience import PromptSource
+        from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
+
+        ro, cfg = self.cfg.rollout, self.cfg
+        self.engine = RolloutEngine(RolloutConfig(
+            model=cfg.model.hf_path, dtype=ro.dtype or cfg.model.dtype, max_model_len=ro.max_model_len,
+            gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_bytes=int(ro.kv_cache_gib * (1 << 30)),
+            seed=ro.engine_seed, max_num_seqs=ro.max_num_seqs, enforce_eager=ro.enforce_eager,
+            num_threads=ro.num_threads or None,
+        ))
+        self.source = PromptSource(cfg.task, self.engine.tokenizer, self.arch.vocab_size)
+        if self.data_state:
+            self.source.load_state_dict(self.data_state["prompts"])
+        self.data_state = {"prompts": self.source.state_dict()}
+        return self.source.probes(cfg.refit.num_probes, self.engine.encode)
+
+    def _param_snapshot(self, group, resumed: bool):
+        """θ₀ = the initial weights (the reference model when there is one), θ_prev = now."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        from pear_mega.models import unwrap_model
+        from pear_mega.rl.metrics import ParamSnapshot
+
+        def counted(name, p):
+            return param_is_not_tensor_parallel_duplicate(p)
+
+        policy = unwrap_model(self.policy[0])
+        if not resumed:
+            return ParamSnapshot(policy.named_parameters(), self.cfg.logging.sparsity_tol, group, counted)
+        initial = self.ref if self.ref is not None else self._build_frozen()
+        snap = ParamSnapshot(initial.named_parameters(), self.cfg.logging.sparsity_tol, group, counted)
+        snap.update(policy.named_parameters())  # θ_prev := the resumed weights
+        return snap
+
+    # ------------------------------------------------------------------ rank-0 phases
+    def _on_rank0(self, fn):
+        """Run ``fn`` on rank 0 and broadcast its result; a failure there stops every rank."""
+        payload = [None, None]
+        error = None
+        if self.is_rank0:
+            try:
+                payload[0] = fn()
+            except Exception as exc:  # re-raised below, after the other ranks are told
+                error = exc
+                payload[1] = f"{type(exc).__name__}: {exc}"
+        dist.broadcast_object_list(payload, src=0)
+        if payload[1] is not None:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 failed: {payload[1]}")
+        return payload[0]
+
+    def generate(self) -> tuple[list[RolloutSequence], dict[str, float]]:
+        """Rank 0 samples and scores a batch; every rank receives it with the prompt cursor."""
+        def work():
+            start = time.perf_counter()
+            seqs, metrics, example = collect_rollouts(self.engine, self.source, self.cfg, self.step)
+            every = self.cfg.logging.sample_interval
+            if every and (self.step + 1) % every == 0:
+                print(f"step {self.step + 1} sample: {example!r}", flush=True)
+            metrics["timing/generation"] = time.perf_counter() - start
+            return seqs, metrics, {"prompts": self.source.state_dict()}
+
+        seqs, metrics, self.data_state = self._on_rank0(work)
+        return seqs, metrics
+
+    # ------------------------------------------------------------------ forward passes
+    def _forward_step(self, loss_func, data_iterator, model):
+        """megatron forward_step_func: one pack → (output, loss_func bound to the pack)."""
+        from pear_mega.models import attention_inputs
+
+        pack = next(data_iterator)
+        tokens = pack["tokens"].to(self.ctx.device).unsqueeze(0)
+        position_ids, attention_mask, packed = attention_inputs(pack["cu_seqlens"], tokens.shape[1], self.ctx.device,
+                                                                use_te=self.cfg.model.use_te)
+        output = model(tokens, position_ids, attention_mask, packed_seq_params=packed)
+        return output, partial(loss_func, pack)
+
+    def _run_schedule(self, chunks, packs, loss_func, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_func), data_iterator=iter(packs), model=chunks,
+            num_microbatches=len(packs), seq_length=self.cfg.train.seq_length, micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def _forward_only(self, chunks, packs, loss_func) -> list[dict]:
+        return self._run_schedule(chunks, packs, loss_func, forward_only=True)
+
+    def _detached_logprobs(self, logits: torch.Tensor, pack: dict, temperature: float):
+        """Fused-kernel log π(labels) and entropy ``[S]`` at ``temperature`` (detached, fp32)."""
+        from pear_mega.kernels import fused_pear_loss
+
+        z = logits[0].detach().float() / temperature
+        device = z.device
+        labels = pack["labels"].to(device)
+        with torch.no_grad():
+            out = fused_pear_loss(z, labels, torch.zeros_like(labels, dtype=torch.float32),
+                                  pack["cu_seqlens"].to(device), _LOGPROBS_ONLY, tp_group=self.tp_group,
+                                  vocab_start=self.ctx.tp_rank * z.shape[-1], normalizer=1.0,
+                                  vocab_size=self.arch.vocab_size)
+        return out
+
+    def _logprob_loss(self, temperature: float, pack: dict, logits: torch.Tensor):
+        out = self._detached_logprobs(logits, pack, temperature)
+        n = (pack["labels"] != IGNORE_INDEX).sum()
+        return out.loss, n.int(), {"logp": out.logprobs, "entropy": out.entropy}
+
+    @staticmethod
+    def _value_output(pack: dict, values: torch.Tensor):
+        return values.sum() * 0, torch.tensor(0, dtype=torch.int), {"values": values[0, :, 0].float()}
+
+    # ------------------------------------------------------------------ phases on the trainer
+    def recompute(self, seqs: list[RolloutSequence]) -> tuple[Experience, dict[str, float]]:
+        """Forward-only passes over this rank's sequences: log π_old, entropy, log π_ref, V."""
+        from pear_mega.rl.metrics import kl_to_initial_policy
+
+        packs = plan_microbatches(seqs, self.ctx.dp_rank, self.ctx.dp_size, self.cfg.train.seq_length, self.pad_id)[0]
+        exp = Experience(ids=shard_of(len(seqs), self.ctx.dp_rank, self.ctx.dp_size))
+        temperature = self.cfg.rollout.temperature
+        last = self.ctx.is_last_stage
+        outputs = self._forward_only(self.policy, packs, partial(self._logprob_loss, temperature))
+        for pack, out in zip(packs, outputs if last else []):
+            exp.logp_old.update(gather_from_pack(pack, out["logp"]))
+            exp.entropy.update(gather_from_pack(pack, out["entropy"]))
+        if self.ref is not None:
+            outputs = self._forward_only([self.ref], packs, partial(self._logprob_loss, temperature))
+            for pack, out in zip(packs, outputs if last else []):
+                exp.logp_ref.update(gather_from_pack(pack, out["logp"]))
+        if self.is_ppo:
+            outputs = self._forward_only(self.critic, packs, self._value_output)
+            for pack, out in zip(packs, outputs if last else []):
+                exp.values.update(gather_from_pack(pack, out["values"]))
+        metrics: dict[str, float] = {}
+        if last:
+            cat = lambda d: torch.cat([d[i] for i in exp.ids]) if exp.ids else torch.zeros(0)  # noqa: E731
+            ones = torch.ones_like(cat(exp.logp_old))
+            stats = torch.stack([(cat(exp.entropy) * ones).sum(), ones.sum()]).double()
+            if self.ctx.dp_size > 1:
+                dist.all_reduce(stats, group=self.ctx.dp_group)
+            metrics["rollout/entropy"] = float(stats[0] / stats[1].clamp(min=1))
+            if self.ref is not None and self.cfg.logging.kl_to_init:
+                kl = kl_to_initial_policy(cat(exp.logp_old), cat(exp.logp_ref), ones,
+                                          group=self.ctx.dp_group if self.ctx.dp_size > 1 else None)
+                metrics.update({k: float(v) for k, v in kl.items()})
+        return exp, metrics
+
+    def advantages(self, seqs: list[RolloutSequence], exp: Experience) -> dict[str, float]:
+        """GRPO: group-relative sequence advantages broadcast over tokens; PPO: GAE (whitened)."""
+        from pear_mega.rl import algorithms as A
+
+        policy = self.cfg.policy
+        last = self.ctx.is_last_stage
+        lengths = [len(seqs[i].response_ids) for i in exp.ids]
+        kl_in_reward = policy.kl_coef > 0 and policy.kl_mode == "reward" and self.ref is not None
+        kl = mask = None
+        if last and exp.ids and kl_in_reward:
+            logp_old, mask = padded(exp.ids, exp.logp_old, lengths)
+            logp_ref, _ = padded(exp.ids, exp.logp_ref, lengths)
+            kl = A.kl_penalty(logp_old, logp_ref, policy.kl_estimator) * mask
+        rewards = torch.tensor([s.reward for s in seqs], dtype=torch.float32)
+        metrics: dict[str, float] = {}
+        if not self.is_ppo:
+            if kl_in_reward:
+                # r_i − β·Σ_t KL_it needs every sequence's KL: each DP rank fills its own, then sum.
+                penalty = torch.zeros(len(seqs))
+                if last and exp.ids:
+                    penalty[exp.ids] = A.kl_penalized_rewards(torch.zeros(len(exp.ids)), kl, mask, policy.kl_coef)
+                penalty = self._share_from_last_stage(penalty, dp_sum=True)
+                metrics["rollout/kl_reward_penalty_mean"] = float(-penalty.mean())
+                rewards = rewards + penalty
+            adv, m = A.grpo_advantages(rewards, self.cfg.rollout.n, policy.normalize_std, policy.std_eps)
+            metrics.update({k: float(v) for k, v in m.items()})
+            for i, r in zip(exp.ids, lengths):
+                exp.advantages[i] = torch.full((r,), float(adv[i]))
+            return metrics
+        if not last:
+            return metrics
+        values, vmask = padded(exp.ids, exp.values, lengths)
+        token_rewards = A.token_level_rewards(rewards[exp.ids], vmask, kl, policy.kl_coef if kl_in_reward else 0.0)
+        adv, ret = A.gae(token_rewards, values, vmask, policy.gamma, policy.lam)
+        stats = torch.stack([(adv * vmask).sum(), (adv * adv * vmask).sum(), vmask.sum()]).double()
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(stats, group=self.ctx.dp_group)
+        n = stats[2].clamp(min=1)
+        mean = stats[0] / n
+        std = (stats[1] / n - mean * mean).clamp(min=0).sqrt()
+        metrics.update({"train/adv_mean": float(mean), "train/adv_std": float(std)})
+        if self.cfg.algorithm.whiten_advantages:
+            adv = ((adv - mean.float()) / (std.float() + 1e-8)) * vmask
+        for row, (i, r) in enumerate(zip(exp.ids, lengths)):
+            exp.advantages[i] = adv[row, :r].clone()
+            exp.returns[i] = ret[row, :r].clone()
+        return metrics
+
+    def _share_from_last_stage(self, t: torch.Tensor, dp_sum: bool = False) -> torch.Tensor:
+        """Sum ``t`` over DP on the last stage, then broadcast it to every pipeline stage."""
+        t = t.to(self.ctx.device)
+        if dp_sum and self.ctx.is_last_stage and self.ctx.dp_size > 1:
+            dist.all_reduce(t, group=self.ctx.dp_group)
+        if self.ctx.pp_size > 1:
+            src = dist.get_process_group_ranks(self.ctx.pp_group)[-1]
+            dist.broadcast(t, src=src, group=self.ctx.pp_group)
+        return t.cpu()
+
+    def _attach(self, packs: list[dict], seqs: list[RolloutSequence], exp: Experience) -> None:
+        """Per-token tensors of the loss, on the last stage (response-aligned → pack positions)."""
+        if not self.ctx.is_last_stage:
+            return
+        for pack in packs:
+            ids = pack["seq_ids"]
+            weight = {i: torch.full((len(seqs[i].response_ids),), float(seqs[i].loss_weight > 0)) for i in ids}
+            pack["loss_mask"] = scatter_to_pack(pack, weight)
+            pack["logp_rollout"] = scatter_to_pack(pack, {i: torch.tensor(seqs[i].rollout_logprobs) for i in ids})
+            pack["logp_old"] = scatter_to_pack(pack, exp.logp_old)
+            pack["advantages"] = scatter_to_pack(pack, exp.advantages)
+            if self.ref is not None:
+                pack["logp_ref"] = scatter_to_pack(pack, exp.logp_ref)
+            if self.is_ppo:
+                pack["values_old"] = scatter_to_pack(pack, exp.values)
+                pack["returns"] = scatter_to_pack(pack, exp.returns)
+
+    def update(self, seqs: list[RolloutSequence], exp: Experience) -> dict[str, float]:
+        """``ppo_epochs x minibatches`` optimizer steps of the policy (and the critic for PPO)."""
+        algo = self.cfg.algorithm
+        collected: list[dict[str, float]] = []
+        for epoch in range(algo.ppo_epochs):
+            shuffle = (self.cfg.parallel.seed, self.step, epoch) if algo.updates_per_step > 1 else None
+            plan, totals = plan_microbatches(seqs, self.ctx.dp_rank, self.ctx.dp_size, self.cfg.train.seq_length,
+                                             self.pad_id, algo.minibatches, shuffle, with_totals=True)
+            for packs, total in zip(plan, totals):
+                if total == 0:  # every sequence of the minibatch is masked out: nothing to learn
+                    continue
+                self._attach(packs, seqs, exp)
+                metrics = self._optimizer_step(self.policy, self.optimizer, self.scheduler, packs, self._policy_loss)
+                if self.is_ppo:
+                    critic = self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler, packs,
+                                                  self._value_loss)
+                    metrics.update({_CRITIC_RENAME.get(k, k): v for k, v in critic.items() if k != "train/loss_tokens"})
+                collected.append(metrics)
+        if not collected:
+            return {"train/step_applied": 0.0, "train/updates": 0.0}
+        keys = {k for m in collected for k in m}
+        out = {k: sum(m.get(k, 0.0) for m in collected) / len(collected) for k in keys}
+        out["train/updates"] = float(len(collected))
+        if "train/pg_clip_frac" in out:
+            out["train/clip_frac"] = out["train/pg_clip_frac"]
+        return out
+
+    def _optimizer_step(self, chunks, optimizer, scheduler, packs, loss_func) -> dict[str, float]:
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        reduced = self._run_schedule(chunks, packs, loss_func, forward_only=False)
+        metrics, finite = self._reduce_metrics(reduced)
+        applied, grad_norm = guarded_step(optimizer, self.cfg.optim.clip_grad, finite)
+        if applied:
+            scheduler.step(increment=1)
+        if chunks is self.policy:
+            self.bad_streak = 0 if applied else self.bad_streak + 1
+        metrics.update({"train/grad_norm": grad_norm, "train/step_applied": float(applied),
+                        "train/lr": optimizer.param_groups[0]["lr"]})
+        return metrics
+
+    def _reduce_metrics(self, reduced: list[dict]) -> tuple[dict[str, float], bool]:
+        """Token-weighted means (max for ``_MAX_KEYS``) over microbatches and DP, on the last stage;
+        the loss finiteness is shared with every stage."""
+        metrics: dict[str, float] = {}
+        flag = torch.ones(1, dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.is_last_stage:
+            keys = sorted(reduced[0]["sum"])
+            max_keys = sorted(reduced[0]["max"])
+            sums = torch.stack([torch.stack([r["sum"][k].double() for k in keys] + [r["n"].double()])
+                                for r in reduced]).sum(0)
+            maxes = torch.stack([torch.stack([r["max"][k].double() for k in max_keys]) for r in reduced]).amax(0) \
+                if max_keys else torch.zeros(0, dtype=torch.float64, device=sums.device)
+            if self.ctx.dp_size > 1:
+                dist.all_reduce(sums, group=self.ctx.dp_group)
+                dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=self.ctx.dp_group)
+            n = sums[-1].clamp(min=1)
+            metrics = {k: float(v / n) for k, v in zip(keys, sums[:-1])}
+            metrics.update({k: float(v) for k, v in zip(max_keys, maxes)})
+            metrics["train/loss_tokens"] = float(sums[-1])
+            flag[0] = float(bool(torch.isfinite(sums).all()))
+        if self.ctx.pp_size > 1:
+            src = dist.get_process_group_ranks(self.ctx.pp_group)[-1]
+            dist.broadcast(flag, src=src, group=self.ctx.pp_group)
+        return metrics, bool(flag.item() > 0)
+
+    def _policy_loss(self, pack: dict, logits: torch.Tensor):
+        """logits [1, S, V/tp] → (Σ mask·ℓ, loss-token count, stats) — megatron's per-token contract."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        from pear_mega.rl.algorithms import policy_loss
+
+        policy = self.cfg.policy
+        temperature = self.cfg.rollout.temperature
+        device = logits.device
+        labels = pack["labels"].to(device)
+        on_label = labels != IGNORE_INDEX
+        mask = pack["loss_mask"].to(device)
+        v_local = logits.shape[-1]
+        n_valid = max(0, min(v_local, self.arch.vocab_size - self.ctx.tp_rank * v_local))
+        z = logits[0].float() / temperature  # a fresh tensor: the cross entropy below works in place
+        if n_valid < v_local:
+            z = z.masked_fill(torch.arange(v_local, device=device) >= n_valid, float("-inf"))
+        logp = -vocab_parallel_cross_entropy(z.unsqueeze(1), labels.clamp(min=0).unsqueeze(1))[:, 0]
+        logp = torch.where(on_label, logp, torch.zeros_like(logp))
+        detached = self._detached_logprobs(logits, pack, temperature)
+        entropy = detached.entropy
+        if policy.entropy_coef > 0:
+            entropy = vocab_parallel_entropy((logits[0].float() / temperature)[:, :n_valid], self.tp_group)
+        get = lambda key: pack[key].to(device) if key in pack else None  # noqa: E731
+        loss, m = policy_loss(policy, logp, get("logp_old"), get("advantages"), mask, normalizer=1.0,
+                              logp_rollout=get("logp_rollout"), logp_ref=get("logp_ref"), entropy=entropy)
+        n = mask.sum()
+        sums = {k: (v if k in _SUM_KEYS else v * n) for k, v in m.items() if k not in _MAX_KEYS}
+        sums["train/loss"] = loss.detach()
+        sums["train/entropy"] = (detached.entropy * mask).sum()
+        sums["train/logp_fused_vs_ce_abs_diff"] = ((detached.logprobs - logp.detach()).abs() * mask).sum()
+        maxes = {k: v for k, v in m.items() if k in _MAX_KEYS}
+        return loss, n.int(), {"sum": sums, "max": maxes, "n": n}
+
+    def _value_loss(self, pack: dict, values: torch.Tensor):
+        from pear_mega.rl.algorithms import value_loss
+
+        ppo = self.cfg.algorithm.ppo
+        device = values.device
+        mask = pack["loss_mask"].to(device)
+        loss, m = value_loss(values[0, :, 0].float(), pack["values_old"].to(device), pack["returns"].to(device), mask,
+                             clip_eps=ppo.value_clip, normalizer=1.0)
+        n = mask.sum()
+        sums = {k: v * n for k, v in m.items()}
+        sums["train/value_loss"] = loss.detach()
+        return ppo.vf_coef * loss, n.int(), {"sum": sums, "max": {}, "n": n}
+
+    # ------------------------------------------------------------------ weight sync
+    def sync_weights(self) -> dict[str, float]:
+        """Gather the policy into full HF tensors on rank 0 and load them into the engine in place."""
+        from pear_mega.models import iter_hf_tensors
+
+        start = time.perf_counter()
+        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, dst=0)
+
+        def work():
+            try:
+                stats = self.engine.update_weights(tensors, bucket_bytes=self.cfg.refit.bucket_mb << 20)
+            finally:
+                for _ in tensors:  # the other ranks are still sending: finish the gather
+                    pass
+            seconds = time.perf_counter() - start
+            return {"timing/weight_sync": seconds, "weight_sync/bytes": float(stats.bytes),
+                    "weight_sync/bytes_per_s": stats.bytes / max(seconds, 1e-9),
+                    "weight_sync/buckets": float(stats.num_buckets)}
+
+        if not self.is_rank0:
+            for _ in tensors:
+                pass
+        return self._on_rank0(work)
+
+    def probe_logprobs(self) -> list[torch.Tensor] | None:
+        """Trainer log π(probe response | probe prompt) at temperature 1 (on every rank that
+        receives them: rank 0 and the metrics source)."""
+        packs = pack_sequences(self.probe_seqs, list(range(len(self.probe_seqs))), self.cfg.train.seq_length,
+                               self.pad_id)
+        outputs = self._forward_only(self.policy, packs, partial(self._logprob_loss, 1.0))
+        result = None
+        if self.ctx.is_last_stage:
+            per_seq = {}
+            for pack, out in zip(packs, outputs):
+                per_seq.update(gather_from_pack(pack, out["logp"]))
+            result = [per_seq[i] for i in range(len(self.probe_seqs))]
+        if self.metrics_src != 0:
+            box = [result]
+            dist.broadcast_object_list(box, src=self.metrics_src)
+            result = box[0]
+        return result
+
+    def verify_refit(self) -> dict[str, float]:
+        """Engine vs trainer log-probs on the probes; beyond ``refit.tol`` every rank stops
+        (RefitVerificationError on rank 0)."""
+        start = time.perf_counter()
+        trainer_logprobs = self.probe_logprobs()
+
+        def work():
+            worst = self.engine.verify_refit([s.prompt_ids for s in self.probe_seqs],
+                                             [s.response_ids for s in self.probe_seqs], trainer_logprobs,
+                                             tol=self.cfg.refit.tol)
+            return {"refit/max_abs_logp_diff": worst, "timing/refit_verify": time.perf_counter() - start}
+
+        return self._on_rank0(work)
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self) -> dict[str, float]:
+        """One RL step (module docstring); returns its metrics on rank 0 (partial elsewhere)."""
+        t0 = time.perf_counter()
+        seqs, metrics = self.generate()
+        if seqs:
+            t = time.perf_counter()
+            exp, m = self.recompute(seqs)
+            metrics.update(m, **{"timing/logprob_recompute": time.perf_counter() - t})
+            metrics.update(self.advantages(seqs, exp))
+            t = time.perf_counter()
+            metrics.update(self.update(seqs, exp))
+            metrics["timing/training"] = time.perf_counter() - t
+            if metrics.get("train/updates", 0):
+                metrics.update(self.sync_weights())
+            interval = self.cfg.refit.verify_interval
+            if interval and (self.step + 1) % interval == 0:
+                metrics.update(self.verify_refit())
+        else:
+            metrics.update({"train/step_applied": 0.0, "train/updates": 0.0})
+        if self.snapshot is not None:
+            from pear_mega.models import unwrap_model
+
+            drift = self.snapshot.update(unwrap_model(self.policy[0]).named_parameters())
+            metrics.update({k: float(v) for k, v in drift.items()})
+        self.step += 1
+        metrics = self._gather_metrics(metrics)
+        metrics["timing/step"] = time.perf_counter() - t0
+        return metrics
+
+    def _gather_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Rank 0 has the rollout/refit metrics; the last stage of DP replica 0 the training ones."""
+        if self.metrics_src == 0:
+            return metrics
+        box = [metrics if self.ctx.rank == self.metrics_src else None]
+        dist.broadcast_object_list(box, src=self.metrics_src)
+        return {**box[0], **metrics} if self.is_rank0 else metrics
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        keys = ("rollout/reward_mean", "train/pg_loss", "train/clip_frac", "drift/kl_to_init_k3",
+                "refit/max_abs_logp_diff")
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                if self.bad_streak >= cfg.train.max_bad_steps:
+                    raise NonFiniteError(
+                        f"{self.bad_streak} consecutive optimizer steps had a non-finite loss or grad norm; "
+                        f"stopping at step {self.step}. The last good checkpoint is "
+                        f"{latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else 'none (checkpoint.dir unset)'}")
+                if cfg.checkpoint.dir and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
+                    t = time.perf_counter()
+                    self.save()
+                    metrics["timing/checkpoint"] = time.perf_counter() - t
+                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
+                    self.metrics.log(self.step, metrics, keys)
+            if cfg.checkpoint.dir and self._latest_step() != self.step:
+                self.save()
+            if cfg.checkpoint.export_hf:
+                self.export_hf(cfg.checkpoint.export_hf)
+        finally:
+            self.metrics.close()
+        return self.metrics.history
+
+    def _latest_step(self) -> int:
+        path = latest_checkpoint(self.cfg.checkpoint.dir)
+        return int(path.name.split("_")[1]) if path is not None else -1
+
+    def save(self) -> Path:
+        """Critic first, then the policy (whose ``latest`` marks the step complete)."""
+        meta = {"hf_path": self.cfg.model.hf_path, "config": to_dict(self.cfg)}
+        if self.is_ppo:
+            save_checkpoint(Path(self.cfg.checkpoint.dir) / "critic", self.step, self.critic, self.critic_optimizer,
+                            self.critic_scheduler, self.ctx, None, meta, hf_files_from=self.cfg.model.hf_path)
+        return save_checkpoint(self.cfg.checkpoint.dir, self.step, self.policy, self.optimizer, self.scheduler,
+                               self.ctx, self.data_state, meta, hf_files_from=self.cfg.model.hf_path)
+
+    def export_hf(self, out_dir: str) -> None:
+        """Gather TP/PP shards into an HF directory (safetensors + config + tokenizer) on rank 0."""
+        from pear_mega.models import iter_hf_tensors, save_hf_checkpoint
+
+        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, dst=0)
+        if self.is_rank0:
+            save_hf_checkpoint(tensors, out_dir, self.arch, hf_files_from=self.cfg.model.hf_path)
+        else:
+            for _ in tensors:
+                pass
+        dist.barrier()
+        self._print(f"exported HF checkpoint to {out_dir}")
+
+    def _print(self, msg: str) -> None:
+        if self.is_rank0:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        from pear_mega.parallel import destroy_parallel
+
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        destroy_parallel()
