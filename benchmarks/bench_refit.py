@@ -53,6 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size (default: RolloutConfig's)")
     args = p.parse_args(argv)
 
     import torch
@@ -65,7 +67,8 @@ def main(argv=None) -> None:
     model_dir = str(args.model or smollm2_135m_instruct())
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    engine = RolloutEngine(RolloutConfig(model=model_dir, dtype=args.dtype, max_model_len=512, seed=0))
+    engine = RolloutEngine(RolloutConfig(model=model_dir, dtype=args.dtype, max_model_len=512, seed=0,
+                                         num_threads=args.threads, block_size=args.block_size))
     start_s = time.perf_counter() - t0
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if torch.cuda.is_available():

@@ -4,8 +4,9 @@
     python tools/convert_hf.py export CKPT_DIR HF_OUT
     python tools/convert_hf.py verify HF_DIR CKPT_DIR [--tol 1e-4]
 
-Each command also runs under ``torchrun --nproc-per-node N`` (N = tp * pp), splitting the model.
-The logic lives in ``pear_mega.models.convert``.
+``import`` in one process streams the checkpoint one TP/PP rank at a time (peak host memory ~ one
+rank's shard, no model is built); under ``torchrun --nproc-per-node N`` (N = tp * pp) every
+command splits the model over the ranks. The logic lives in ``pear_mega.models.convert``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import sys
 EPILOG = """\
 worked example (SmolLM2-135M-Instruct, 9 query / 3 KV heads, so TP 1 or 3):
 
-  # HF -> megatron, padded for TP=3, one process (memory: the model + one tensor)
+  # HF -> megatron at TP=3, one process, streamed one rank at a time: no model is built, peak
+  # host memory ~ one rank's shard + one HF tensor (the way to convert a 70B model on one node)
   python tools/convert_hf.py import ~/.cache/pear_mega/smollm2-135m-instruct /tmp/smol-mcore --tp 3
-  # the same, sharded by 3 ranks (memory: one shard per rank)
+  # the same, sharded by 3 ranks (memory: one shard per rank, all ranks at once)
   torchrun --nproc-per-node 3 tools/convert_hf.py import ~/.cache/pear_mega/smollm2-135m-instruct /tmp/smol-mcore --tp 3
+  # the same in one process with the whole model built in memory (peak ~ the whole model)
+  python tools/convert_hf.py import ~/.cache/pear_mega/smollm2-135m-instruct /tmp/smol-mcore --tp 3 --whole-model
   # check: same probe prompts through both models
   python tools/convert_hf.py verify ~/.cache/pear_mega/smollm2-135m-instruct /tmp/smol-mcore --tol 1e-4
   # megatron (this or any trainer checkpoint, any TP/PP) -> HF, loadable by transformers and vLLM
@@ -41,12 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="HF safetensors directory -> megatron checkpoint",
                          description="Convert an HF directory (config.json + safetensors) into a megatron "
-                         "torch_dist checkpoint; config, tokenizer and the TP/PP metadata are stored with it.")  # fmt: skip
+                         "torch_dist checkpoint laid out for --tp x --pp; config, tokenizer and the TP/PP "
+                         "metadata are stored with it. In one process the ranks are written one at a time "
+                         "without building the model (peak host memory ~ one rank's shard); under torchrun "
+                         "with tp*pp ranks each rank writes its own shard. The checkpoint loads at any TP/PP.")  # fmt: skip
     imp.add_argument("hf_dir", help="HF model directory (config.json, *.safetensors, tokenizer files)")
     imp.add_argument("out_dir", help="new (empty) megatron checkpoint directory")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint is for (default 1)")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is for (default 1)")
     imp.add_argument("--dtype", default="float32", help="parameter dtype: float32 (default) or bfloat16")
+    imp.add_argument("--whole-model", action="store_true",
+                     help="one process: build the whole megatron model in memory and save it, instead of "
+                     "streaming rank by rank (peak ~ the whole model; for comparison and debugging)")  # fmt: skip
 
     exp = sub.add_parser("export", help="megatron checkpoint -> HF safetensors directory",
                          description="Convert a megatron checkpoint written at any TP/PP (by import or by a "
@@ -77,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "import":
-            out = convert.import_hf(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, dtype=args.dtype)
+            out = convert.import_hf(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                    streaming=not args.whole_model)  # fmt: skip
             print(f"wrote megatron checkpoint {out}")
         elif args.command == "export":
             out = convert.export_hf(args.ckpt_dir, args.out_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,

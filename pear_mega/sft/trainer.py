@@ -134,6 +134,9 @@ class SFTTrainer:
             logits[0], labels, logp_beta, cu_seqlens, pear,
             tp_group=self.ctx.tp_group if self.ctx.tp_size > 1 else None,
             vocab_start=self.ctx.tp_rank * v_local, normalizer=normalizer, vocab_size=self.arch.vocab_size,
+            # The logits are a fresh [s, V/tp] buffer (GPTModel's transpose().contiguous()) that nothing
+            # reads after the loss: its storage takes the gradient, saving one logits-sized buffer.
+            inplace_backward=True,
         )
         if pear.normalization == "tokens":
             loss, count = out.loss, n_tokens

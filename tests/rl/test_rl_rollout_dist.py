@@ -27,7 +27,11 @@ def _rank_main(rank: int, port: int, model_dir: str, results) -> None:
         if rank == 0:
             from transformers import AutoModelForCausalLM
 
-            from pear_mega.rl.rollout import RolloutConfig, RolloutEngine, hf_sequence_logprobs
+            from pear_mega.rl.rollout import (
+                RolloutConfig,
+                RolloutEngine,
+                hf_sequence_logprobs,
+            )
 
             engine = RolloutEngine(RolloutConfig(model=model_dir, max_model_len=128, kv_cache_bytes=64 << 20))
             samples = engine.generate([[1, 502, 33]], n=2, max_tokens=3)
