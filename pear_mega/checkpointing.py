@@ -109,7 +109,11 @@ def _trainer_state(model_chunks, optimizer, scheduler, ctx, data_state, step, lo
             state["scheduler"] = scheduler.state_dict()
     if optimizer is not None:
         model_sd = model_sharded_state_dict(model_chunks[0])
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+        # "fully_reshardable": optimizer state in model-parameter space, so a checkpoint of the
+        # distributed optimizer loads at any TP/PP/DP (megatron's older default format relies on
+        # ShardedTensor.flattened_range, which dist_checkpointing 0.16 no longer accepts).
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return state
 
 

@@ -28,11 +28,11 @@ class MetricsWriter:
 
             Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(tensorboard_dir)
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
-                            file=sys.stderr, disable=None)
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        self.total_steps = total_steps
         self._start = time.perf_counter()
 
     def log(self, step: int, scalars: dict[str, float], console_keys: tuple[str, ...] = ()) -> None:
@@ -47,8 +47,12 @@ class MetricsWriter:
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
-        else:
-            print(f"step {step} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        else:  # no terminal (logs, CI): one line per logged step, with the ETA the bar would show
+            elapsed = time.perf_counter() - self._start
+            done = len(self.history)
+            eta = elapsed / done * max(self.total_steps - step, 0) if done else 0.0
+            print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in shown.items())
+                  + f" eta={eta:.0f}s", flush=True)
 
     def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
         if self.rank == 0 and self.writer is not None and values.numel() > 0:

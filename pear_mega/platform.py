@@ -32,3 +32,15 @@ def te_available() -> bool:
     except Exception:  # noqa: BLE001 (a broken TE build raises anything at import)
         return False
     return True
+
+
+def quiet_fallback_warnings() -> None:
+    """Silence megatron-core's import-time notices that TE/Apex are absent (expected on CPU).
+
+    Entry points call this once; the choice of layer spec is logged by ``build_gpt_model`` instead.
+    """
+    import warnings
+
+    for pattern in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                    r"full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)

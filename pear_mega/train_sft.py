@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(to_dict(cfg), indent=2))
         return
 
+    from pear_mega.platform import quiet_fallback_warnings
     from pear_mega.sft.trainer import SFTTrainer
+
+    quiet_fallback_warnings()
 
     trainer = SFTTrainer(cfg)
     try:

@@ -1,15 +1,17 @@
 """Files → validated, tokenized examples → packs → a deterministic, sharded, resumable pack stream.
 
 Order. Examples are shuffled once with ``seed`` and first-fit packed (``pear_mega.data.packing``).
-Each epoch ``e`` visits the packs in a permutation drawn from ``(seed, e)``; the pack at global
-position ``g`` of the epoch goes to data-parallel rank ``g % dp_size`` as that rank's
-``g // dp_size``-th pack. Every rank gets ``num_packs // dp_size`` packs per epoch (the few left
-over differ from epoch to epoch, as the permutation does), so all ranks step in lockstep.
+The packs form one endless *global* stream: epoch ``e`` visits them in a permutation drawn from
+``(seed, e)``, and global position ``g`` (counted over all epochs) is pack ``order_{g // N}[g % N]``
+of the N packs. Data-parallel rank ``r`` of ``D`` takes positions ``r, r + D, r + 2D, ...``, so a
+training step that takes ``m`` packs on each rank consumes exactly the global positions
+``[k·m·D, (k+1)·m·D)`` whatever ``D`` is: the data of a step, and therefore the loss and the update,
+do not depend on the data-parallel layout (no pack is dropped at an epoch end to keep ranks even).
 
-Resume. ``state_dict()`` is ``{"epoch", "consumed", ...}`` with ``consumed`` the number of packs
-of the epoch handed out over all ranks; ``load_state_dict`` makes the next ``next_pack()`` return
-exactly the pack that would have come next. It checks that the packs are the same (a fingerprint
-of their contents) and allows a different ``dp_size`` when ``consumed`` divides evenly.
+Resume. ``state_dict()`` is ``{"consumed", ...}`` with ``consumed`` the number of global positions
+handed out over all ranks; ``load_state_dict`` makes the next ``next_pack()`` return exactly the
+pack that would have come next. It checks that the packs are the same (a fingerprint of their
+contents) and allows a different ``dp_size`` when ``consumed`` divides evenly.
 """
 
 from __future__ import annotations
@@ -123,31 +125,35 @@ class PackSource:
             raise ValueError(f"{len(self.packs)} packs cannot feed {dp_size} data-parallel ranks: "
                              "add data or shorten data.seq_length")
         self.fingerprint = fingerprint(self.packs)
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order(0)
+        self.position = 0  # packs this rank has handed out, over all epochs
+        self._orders: dict[int, list[int]] = {}
         if dp_rank == 0:
             logger.info("data: %s", self.stats.summary())
 
     def __len__(self) -> int:
-        """Packs per epoch on this rank."""
+        """Packs per epoch on this rank (rounded down: epochs need not split evenly over ranks)."""
         return len(self.packs) // self.dp_size
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.packs)))
-        if self.config.shuffle:
-            random.Random(f"{self.config.seed}/{epoch}").shuffle(order)
-        return order
+    @property
+    def epoch(self) -> int:
+        """Epoch of the last pack handed out (0 before the first)."""
+        if self.position == 0:
+            return 0
+        return ((self.position - 1) * self.dp_size + self.dp_rank) // len(self.packs)
 
-    def _global_index(self) -> int:
-        return self._order[self.position * self.dp_size + self.dp_rank]
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.packs)))
+            if self.config.shuffle:
+                random.Random(f"{self.config.seed}/{epoch}").shuffle(order)
+            self._orders = {epoch: order}  # only the current epoch's order is needed
+        return self._orders[epoch]
 
     def next_pack(self) -> dict:
         """This rank's next pack as a dict (``Pack.as_dict``), advancing the stream."""
-        if self.position >= len(self):
-            self.epoch += 1
-            self.position = 0
-            self._order = self._epoch_order(self.epoch)
-        pack = self.packs[self._global_index()]
+        g = self.position * self.dp_size + self.dp_rank
+        epoch, index = divmod(g, len(self.packs))
+        pack = self.packs[self._epoch_order(epoch)[index]]
         self.position += 1
         return pack.as_dict()
 
@@ -158,7 +164,6 @@ class PackSource:
     def state_dict(self) -> dict:
         """Position of the stream (plain ints / strings: JSON-safe)."""
         return {
-            "epoch": self.epoch,
             "consumed": self.position * self.dp_size,
             "seed": self.config.seed,
             "num_packs": len(self.packs),
@@ -174,8 +179,6 @@ class PackSource:
                                  f"{mine!r} now: the data, tokenizer or packing settings changed")
         consumed = int(state["consumed"])
         if consumed % self.dp_size:
-            raise ValueError(f"PackSource.load_state_dict: {consumed} packs consumed in the epoch do not divide over "
+            raise ValueError(f"PackSource.load_state_dict: {consumed} packs consumed do not divide over "
                              f"{self.dp_size} data-parallel ranks")
-        self.epoch = int(state["epoch"])
         self.position = consumed // self.dp_size
-        self._order = self._epoch_order(self.epoch)

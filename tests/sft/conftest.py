@@ -11,7 +11,7 @@ import pytest
 RUNNER = Path(__file__).with_name("sft_runner.py")
 
 
-def write_behavior_dataset(path: Path, tokenizer_dir: Path, rows: int = 24, seed: int = 0) -> Path:
+def write_behavior_dataset(path: Path, tokenizer_dir: Path, rows: int = 12, seed: int = 0) -> Path:
     """Arithmetic prompt/response rows whose behavior log-probs are deterministic pseudo-random.
 
     The trainer tests check mechanics (layouts, resume, guards) against themselves and the loss
