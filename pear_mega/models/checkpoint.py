@@ -19,15 +19,14 @@ under their own top-level keys; ``load_checkpoint`` and the export tool read onl
 trainer checkpoint exports. dist checkpoints store global tensors, so a checkpoint written at one
 TP/PP loads at any other whose padded vocabulary is the same (see
 ``ModelArch.padded_vocab_size``; the metadata records it and ``tools/convert_hf.py export`` builds
-with it).
+with it). ``pear_mega.models.dist_writer`` writes the same checkpoint one rank at a time without a
+model or a process group (the streaming ``tools/convert_hf.py import``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,10 +37,7 @@ import torch
 
 from pear_mega.models.arch import ModelArch
 from pear_mega.models.mapping import (
-    GATE_UP,
     REPLICATED,
-    ROW,
-    VOCAB,
     canonical_name,
     hf_tensor_shape,
     iter_megatron_shard,
@@ -180,7 +176,10 @@ def _read_safetensors_header(path: Path) -> dict[str, _SafetensorsEntry]:
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < n <= size - 8:
             raise ValueError(f"{path}: not a safetensors file (bad header length)")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
     base = 8 + n
     entries = {}
     for name, info in header.items():
@@ -385,235 +384,6 @@ def load_checkpoint(
     loaded["model"] = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}
     gpt.load_state_dict(loaded["model"], strict=True)
     return loaded
-
-
-# ----------------------------------------------------------------------------- dist ckpt, one rank at a time
-
-#: Linear modules whose (empty) ``_extra_state`` megatron saves as one ShardedObject per layer.
-EXTRA_STATE_MODULES = (
-    "self_attention.linear_qkv",
-    "self_attention.linear_proj",
-    "mlp.linear_fc1",
-    "mlp.linear_fc2",
-)
-_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
-def rank_sharded_tensors(named_shards, arch: ModelArch, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
-                         *, dtype: torch.dtype | None = None) -> list:  # fmt: skip
-    """What rank ``(tp_rank, pp_rank)`` of a ``tp_size x pp_size`` GPTModel writes to a dist checkpoint.
-
-    The result equals the entries of ``model.sharded_state_dict(prefix="model.")`` after megatron's
-    ``apply_factories`` whose ``replica_id`` is main (all zeros), i.e. what ``dist_checkpointing.save``
-    stores from that rank, built without a model or a process group:
-
-    - Layers are stacked: ``decoder.layers.{g}.{rest}`` (global layer ``g`` of ``L``) is the slice
-      ``g`` of ``model.decoder.layers.{rest}`` (a leading axis of size ``L``, ``prepend_axis_num=1``).
-    - TP: ``vocab`` and ``qkv`` tensors are split along their rows, ``row`` tensors along their
-      columns; ``linear_fc1`` (``[2*ffn/tp, h]`` = ``cat(gate_r, up_r)`` locally) goes through
-      megatron's swiglu factory: the global ``[2*ffn, h]`` is ``[gate; up]``, rank ``r``'s gate
-      rows are fragment ``r`` and its up rows fragment ``tp + r`` of ``2*tp``.
-    - Replicated tensors (norms) and the per-layer ``_extra_state`` objects (``None``: the local
-      spec's linears have no extra state) are written by TP rank 0 only (replica ``(0, tp_rank, 0)``).
-    - Embedding and output layer carry ``allow_shape_mismatch`` (vocabulary padding). A tied output
-      layer on the last stage of ``pp > 1`` is a replica of the embedding: not written.
-
-    Args:
-        named_shards: ``(canonical megatron name, this rank's tensor)`` for the stage's tensors
-            (``mapping.stage_tensor_maps``), shapes as ``hf_to_megatron_shard`` makes them.
-        dtype: cast the tensors to this dtype (default: keep).
-    Returns:
-        megatron ``ShardedTensor`` / ``ShardedObject`` list.
-    Raises:
-        ValueError: a name that is not on the stage, or a stage tensor missing.
-    """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-
-    expected = {entry.megatron: entry for entry in stage_tensor_maps(arch, pp_rank, pp_size)}
-    # The tied output copy may be left out: it is not written.
-    required = set(expected) - ({"output_layer.weight"} if arch.tie_word_embeddings else set())
-    seen: set[str] = set()
-    out: list = []
-    num_layers = arch.num_layers
-    for name, tensor in named_shards:
-        if name not in expected:
-            raise ValueError(f"{name!r} is not a tensor of pipeline stage {pp_rank} of {pp_size}")
-        if name in seen:
-            raise ValueError(f"{name!r} given twice for rank tp={tp_rank} pp={pp_rank}")
-        seen.add(name)
-        kind = expected[name].kind
-        if arch.tie_word_embeddings and name == "output_layer.weight":
-            continue  # megatron: replica (1, 0, dp) of the embedding, never saved
-        if dtype is not None:
-            tensor = tensor.to(dtype)
-        match = _LAYER_NAME.match(name)
-        if match:
-            layer, rest = int(match.group(1)), match.group(2)
-            key, prepend = f"{MODEL_PREFIX}decoder.layers.{rest}", ((0, layer, num_layers),)
-        else:
-            key, prepend = MODEL_PREFIX + name, ()
-        p = len(prepend)
-        common = {"prepend_axis_num": p, "allow_shape_mismatch": kind == VOCAB}
-        if kind == REPLICATED:
-            shards = [ShardedTensor.from_rank_offsets(key, tensor, *prepend, replica_id=(0, tp_rank, 0), **common)]
-        elif kind == GATE_UP:
-            gate, up = torch.chunk(tensor, 2, dim=0)
-            shards = [
-                ShardedTensor.from_rank_offsets(key, gate, *prepend, (p, tp_rank, 2 * tp_size), replica_id=(0, 0, 0), **common),
-                ShardedTensor.from_rank_offsets(key, up, *prepend, (p, tp_size + tp_rank, 2 * tp_size), replica_id=(0, 0, 0), **common),
-            ]  # fmt: skip
-        else:
-            axis = p + (1 if kind == ROW else 0)
-            shards = [ShardedTensor.from_rank_offsets(key, tensor, *prepend, (axis, tp_rank, tp_size), replica_id=(0, 0, 0), **common)]  # fmt: skip
-        out.extend(sh for sh in shards if is_main_replica(sh.replica_id))
-        if match and tp_rank == 0 and any(rest == f"{module}.weight" for module in EXTRA_STATE_MODULES):
-            module = rest.removesuffix(".weight")
-            out.append(ShardedObject(f"{MODEL_PREFIX}decoder.layers.{module}._extra_state", None, (num_layers,), (layer,),
-                                     replica_id=(0, 0, 0)))  # fmt: skip
-    missing = sorted(required - seen)
-    if missing:
-        raise ValueError(f"rank tp={tp_rank} pp={pp_rank}: stage tensors not given: {missing}")
-    return out
-
-
-def _dcp_state_dict(sharded: list) -> dict[str, Any]:
-    """megatron sharded objects -> torch.distributed.checkpoint values, as megatron's torch_dist
-    strategy converts them (``mcore_to_pyt_state_dict``): one value per key; a tensor's chunk is
-    its global offset and its local shape with the stacked-layer axes as leading 1s."""
-    import io
-
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.dist_checkpointing.strategies.checkpointable import (
-        CheckpointableShardedTensor,
-        LocalShardsContainer,
-    )
-
-    by_key: dict[str, list] = {}
-    for sh in sharded:
-        by_key.setdefault(sh.unique_key if isinstance(sh, ShardedObject) else sh.key, []).append(sh)
-    state: dict[str, Any] = {}
-    for key, items in by_key.items():
-        if isinstance(items[0], ShardedObject):
-            buf = io.BytesIO()
-            torch.save([obj.data for obj in items], buf)
-            state[key] = buf
-            continue
-        wrapped = []
-        for sh in items:
-            lead = (1,) * sh.prepend_axis_num
-            flat = dataclasses.replace(sh, data=sh.data.reshape(lead + tuple(sh.local_shape)),
-                                       local_shape=lead + tuple(sh.local_shape), prepend_axis_num=0)  # fmt: skip
-            wrapped.append(CheckpointableShardedTensor.from_sh_ten(flat))
-        state[key] = wrapped[0] if len(wrapped) == 1 else LocalShardsContainer(wrapped)
-    return state
-
-
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` with storage of its own: a TP shard is often a view of the full tensor, which
-    would otherwise stay alive (and be written whole) as long as the shard does."""
-    tensor = tensor.detach()
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-        tensor = tensor.contiguous().clone()
-    return tensor
-
-
-def save_checkpoint_streaming(
-    rank_shards,
-    ckpt_dir: str | os.PathLike,
-    arch: ModelArch,
-    *,
-    tensor_parallel: int,
-    pipeline_parallel: int,
-    padded_vocab_size: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    hf_files_from: str | os.PathLike | None = None,
-    progress: bool = False,
-) -> Path:
-    """Write a model-only dist checkpoint of a ``tensor_parallel x pipeline_parallel`` GPTModel one
-    rank at a time in this process: no model, no process group; host memory ~ one rank's shard.
-
-    The result is the checkpoint ``save_checkpoint`` writes from ``tp * pp`` ranks (same keys,
-    global shapes, chunks and files ``__<rank>_<i>.distcp``; ``common.pt``, ``metadata.json``,
-    ``hf/``, ``pear_mega.json``), so ``load_checkpoint`` reads it at any TP/PP. It drives
-    ``torch.distributed.checkpoint`` as megatron's torch_dist strategy does with its decentralized
-    plan, with the collectives replaced by loops: for each rank ``r = pp_rank * tp + tp_rank``,
-    ``MCoreSavePlanner`` makes the local plan and ``FileSystemWriter`` (``use_collectives=False``:
-    files prefixed ``__r_``) writes it; then the global plan of all local plans (which also checks
-    that the chunks tile every tensor) gives ``.metadata``.
-
-    Args:
-        rank_shards: ``rank_shards(tp_rank, pp_rank)`` -> iterable of ``(canonical megatron name,
-            tensor)`` of that rank (e.g. ``mapping.iter_megatron_shard`` with canonical names);
-            consumed lazily, one rank at a time.
-        padded_vocab_size: default ``arch.padded_vocab_size(tensor_parallel)``.
-        dtype: the checkpoint's parameter dtype (tensors are cast).
-        hf_files_from: copy tokenizer files from this HF directory into ``<ckpt>/hf/``.
-        progress: a tqdm bar over the ranks.
-    Raises:
-        FileExistsError: ``ckpt_dir`` exists and is not empty.
-        ValueError: bad layout, or shards that do not tile the global tensors.
-    """
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    tp, pp = tensor_parallel, pipeline_parallel
-    arch.check_tensor_parallel(tp)
-    arch.check_pipeline_parallel(pp)
-    if padded_vocab_size is None:
-        padded_vocab_size = arch.padded_vocab_size(tp)
-    if padded_vocab_size < arch.vocab_size or padded_vocab_size % tp:
-        raise ValueError(f"padded_vocab_size={padded_vocab_size} must be >= {arch.vocab_size} and divisible by tp={tp}")
-    ckpt_dir = Path(ckpt_dir)
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise FileExistsError(f"{ckpt_dir}: output directory is not empty")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # The non-sharded part of a model-only state dict is empty (what dist_checkpointing.save writes).
-    torch.save({}, ckpt_dir / COMMON_STATE_FNAME)
-    local_plans, results = [], []
-    ranks = [(pp_rank, tp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
-    if progress:
-        from tqdm import tqdm
-
-        ranks = tqdm(ranks, desc="write ranks", unit="rank")
-    for pp_rank, tp_rank in ranks:
-        rank = pp_rank * tp + tp_rank
-        named = ((name, _compact(t.to(dtype))) for name, t in rank_shards(tp_rank, pp_rank))
-        sharded = rank_sharded_tensors(named, arch, tp_rank, tp, pp_rank, pp)
-        for sh in sharded:
-            if not isinstance(getattr(sh, "data", None), torch.Tensor):
-                continue
-            vocab_dim = sh.prepend_axis_num
-            if sh.allow_shape_mismatch and sh.global_shape[vocab_dim] != padded_vocab_size:
-                raise ValueError(f"{sh.key}: {sh.global_shape[vocab_dim]} vocabulary rows, expected {padded_vocab_size}")
-        state = _dcp_state_dict(sharded)
-        writer = FileSystemWriter(ckpt_dir)
-        writer.set_up_storage_writer(rank == 0, rank=rank, use_collectives=False)
-        planner = MCoreSavePlanner(flatten_state_dict=False)
-        planner.set_up_planner(state, storage_meta=None, is_coordinator=rank == 0)
-        plan = planner.create_local_plan()
-        local_plans.append(plan)
-        plan = planner.finish_plan(writer.prepare_local_plan(plan))  # storage prefix __<rank>_
-        results.append(writer.write_data(plan, planner).wait())
-        del named, sharded, state, planner, plan  # this rank's tensors: free before the next
-    planner = MCoreSavePlanner(flatten_state_dict=False)
-    planner.set_up_planner({}, storage_meta=None, is_coordinator=True)
-    _, metadata = planner.create_global_plan(local_plans)
-    metadata.all_local_plans = local_plans  # as megatron's decentralized save records them
-    writer = FileSystemWriter(ckpt_dir)
-    writer.set_up_storage_writer(True)
-    writer.finish(metadata, results)
-    save_config(CheckpointingConfig("torch_dist", 1), str(ckpt_dir))
-    meta = CheckpointMeta(
-        hf_config=arch.hf_config,
-        tensor_parallel=tp,
-        pipeline_parallel=pp,
-        padded_vocab_size=padded_vocab_size,
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    _write_pear_files(ckpt_dir, meta, hf_files_from)
-    return ckpt_dir
 
 
 # ----------------------------------------------------------------------------- megatron -> HF
