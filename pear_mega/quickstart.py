@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=4, help="πβ samples per prompt")
     parser.add_argument("--behavior-temperature", type=float, default=0.7)
     parser.add_argument("--steps", type=int, default=10, help="SFT steps per run")
+    parser.add_argument("--rl", action=argparse.BooleanOptionalAction, default=True,
+                        help="after SFT: a short GRPO run from each SFT model, then pass@k of both")
+    parser.add_argument("--rl-steps", type=int, default=3, help="GRPO steps per run")
+    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for pass@k")
     args = parser.parse_args(argv)
 
     from pear_mega.pretrained import smollm2_135m_instruct
@@ -111,6 +115,99 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {stage} | {seconds:.1f} |")
     print(f"\nTensorBoard: tensorboard --logdir {out / 'tb'}")
     print(f"Exported HF checkpoints: {models / 'smollm2_pear_sft'}, {models / 'smollm2_plain_sft'}")
+    if args.rl:
+        _rl_stage(args, out, timings)
+
+
+# ------------------------------------------------------------------------------------------- RL
+# 5. The same short GRPO run (recipe ``smollm2_grpo``: 2-shot one-digit arithmetic, verifiable
+#    reward, KL to the initial policy) from each SFT model, then pass@k of both on held-out
+#    prompts (``pear_mega.evaluate``, a seed neither SFT nor RL uses).
+
+RL_RUNS = {"PEAR-SFT → GRPO": "smollm2_pear_sft", "plain SFT → GRPO": "smollm2_plain_sft"}
+
+
+def _rl_stage(args, out: Path, timings: dict) -> None:
+    models = out / "models"
+    histories, evals = {}, {}
+    for label, sft in RL_RUNS.items():
+        name = f"{sft}_grpo"
+        metrics = out / "metrics" / f"{name}.jsonl"
+        overrides = [
+            f"model.hf_path={models / sft}",
+            f"train.steps={args.rl_steps}",
+            f"checkpoint.dir={out / 'ckpt' / name}",
+            "checkpoint.resume=false",
+            f"checkpoint.export_hf={models / name}",
+            f"logging.tensorboard_dir={out / 'tb' / name}",
+        ]
+        timings[label] = _run(
+            [sys.executable, "-m", "pear_mega.train_rl", "--recipe", "smollm2_grpo", "--metrics-out", str(metrics),
+             *overrides],
+            f"{label}: python -m pear_mega.train_rl --recipe smollm2_grpo model.hf_path={models / sft}",
+        )
+        histories[label] = _history(metrics)
+        eval_dir = out / "eval" / name
+        timings[f"pass@k: {label}"] = _run(
+            [sys.executable, "-m", "pear_mega.evaluate", "--model", str(models / name), "--tasks", "basic_arithmetic",
+             "--task-config", json.dumps({"basic_arithmetic": TASK_CONFIG}), "--task-size", str(args.eval_prompts),
+             "--n", "4", "--k", "1,4", "--max-tokens", "12", "--out", str(eval_dir)],
+            f"pass@k of {label}: python -m pear_mega.evaluate --model {models / name}",
+        )
+        evals[label] = json.loads((eval_dir / "results.json").read_text())["suites"][0]
+
+    print("\n## GRPO from each SFT model (smollm2_grpo), then pass@k on held-out basic_arithmetic\n")
+    keys = [("rollout/reward_mean", "reward"), ("train/pg_loss", "pg loss"), ("train/clip_frac", "clip frac"),
+            ("drift/kl_to_init_k3", "KL to init"), ("rollout/logp_abs_diff_max", "max Δlogp train vs rollout"),
+            ("refit/max_abs_logp_diff", "max Δlogp after refit"), ("weight_sync/bytes_per_s", "refit MiB/s")]
+    print("| run | step | " + " | ".join(name for _, name in keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for label, hist in histories.items():
+        for record in (hist[0], hist[-1]):
+            cells = [f"{record.get(k, float('nan')) / (2**20 if k.endswith('bytes_per_s') else 1):.4g}" for k, _ in keys]
+            print(f"| {label} | {int(record['step'])} | " + " | ".join(cells) + " |")
+    print("\n| model | prompts x samples | pass@1 | pass@4 | reward mean | extraction failures |\n|---|---|---|---|---|---|")
+    for label, suite in evals.items():
+        print(f"| {label} | {suite['prompts']} x {suite['n']} | {suite['pass_at_k']['1']:.3f} | "
+              f"{suite['pass_at_k']['4']:.3f} | {suite['reward_mean']:.3f} | {suite['extract_fail_frac']:.3f} |")
+    print("\nBoth runs and both evaluations draw the same sampling random numbers (per-step engine seeds), "
+          "so equal numbers mean the two models sampled the same answers on these prompts.")
+    plot = _rl_plot(histories, evals, out / "eval" / "rl_summary.png")
+    print("\n| stage | seconds |\n|---|---|")
+    for stage, seconds in timings.items():
+        print(f"| {stage} | {seconds:.1f} |")
+    print(f"\nTotal: {sum(timings.values()) / 60:.1f} min. Plot: {plot}. "
+          f"Per-model pass@k: {out / 'eval'}/*/pass_at_k.png")
+
+
+def _rl_plot(histories: dict, evals: dict, path: Path) -> Path:
+    """Reward per GRPO step (left) and pass@k after GRPO (right) for both SFT starting points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for label, hist in histories.items():
+        left.plot([h["step"] for h in hist], [h["rollout/reward_mean"] for h in hist], marker="o", label=label)
+    left.set_xlabel("GRPO step")
+    left.xaxis.get_major_locator().set_params(integer=True)
+    left.set_ylabel("mean reward (rollouts)")
+    left.legend(fontsize=8)
+    ks = ["1", "4"]
+    for j, (label, suite) in enumerate(evals.items()):
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(ks))]
+        bars = right.bar(xs, [suite["pass_at_k"][k] for k in ks], 0.38, label=label)
+        right.bar_label(bars, fmt="%.2f", fontsize=7)
+    right.set_xticks(range(len(ks)), [f"pass@{k}" for k in ks])
+    right.set_ylim(0, 1.05)
+    right.set_title("held-out basic_arithmetic", fontsize=9)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

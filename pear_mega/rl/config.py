@@ -88,7 +88,7 @@ class TaskConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"task.task_config is not valid JSON ({e.msg}): {self.task_config!r}") from None
         if not isinstance(value, dict):
-            raise ValueError(f"task.task_config must be a JSON object, got {self.task_config!r}")
+            raise ValueError(f"task.task_config must be a JSON object, got {self.task_config!r}")  # noqa: TRY004 (bad config value)
         return value
 
 
@@ -106,6 +106,8 @@ class RolloutSettings:
     """Nucleus sampling; < 1 makes π_rollout a truncated π (the mismatch metrics show it; TIS corrects it)."""
     max_tokens: int = 64
     """Response length limit; a response cut here is 'truncated' (see the over-long options)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings (besides EOS): generation ends once the text contains one (e.g. a newline)."""
     max_model_len: int = 1024
     """Engine context: prompt + response tokens."""
     engine_seed: int = 0
@@ -185,9 +187,6 @@ class CriticConfig:
     hf_path: str = ""
     """Initial trunk weights; '' = model.hf_path."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-
-    def __post_init__(self):
-        pass
 
 
 @dataclass(frozen=True)
@@ -272,23 +271,19 @@ class RLConfig:
     def __post_init__(self):
         if not self.model.hf_path:
             raise ValueError("model.hf_path is required (an HF checkpoint directory)")
-        if self.checkpoint.export_hf and not self.checkpoint.dir:
-            raise ValueError("checkpoint.export_hf needs checkpoint.dir (export follows the final checkpoint)")
         if self.train.seq_length < self.rollout.max_tokens + 1:
             raise ValueError(f"train.seq_length ({self.train.seq_length}) must exceed rollout.max_tokens "
                              f"({self.rollout.max_tokens})")
+        if self.algorithm.name == "grpo" and self.rollout.n < 2:
+            raise ValueError(f"rollout.n must be >= 2 for GRPO's group-relative advantages, got {self.rollout.n}")
         # GRPO's group is the n samples of one prompt: one number, kept in rollout.n.
-        if self.algorithm.grpo.group_size != self.rollout.n:
+        if self.algorithm.grpo.group_size != self.rollout.n and self.rollout.n >= 2:
             object.__setattr__(self, "algorithm", replace(
                 self.algorithm, grpo=replace(self.algorithm.grpo, group_size=self.rollout.n)))
         policy = self.algorithm.policy
-        if self.algorithm.name == "grpo" and self.rollout.n < 2:
-            raise ValueError(f"rollout.n must be >= 2 for GRPO's group-relative advantages, got {self.rollout.n}")
         if policy.overlong_mode == "soft_penalty" and policy.overlong_buffer > self.rollout.max_tokens:
             raise ValueError(f"algorithm.{self.algorithm.name}.overlong_buffer ({policy.overlong_buffer}) must be "
                              f"<= rollout.max_tokens ({self.rollout.max_tokens})")
-        if self.algorithm.name == "ppo" and self.algorithm.ppo.dual_clip is not None and self.algorithm.ppo.dual_clip <= 1:
-            raise ValueError("algorithm.ppo.dual_clip must be > 1")
 
     @property
     def policy(self) -> GRPOConfig | PPOConfig:

@@ -34,7 +34,9 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+            from megatron.core.tensor_parallel import (
+                gather_from_sequence_parallel_region,
+            )
 
             hidden_states = gather_from_sequence_parallel_region(hidden_states)
         values = torch.nn.functional.linear(hidden_states, self.weight, self.bias)

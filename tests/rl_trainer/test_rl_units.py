@@ -1,0 +1,155 @@
+"""Fast checks of the RL trainer's pure parts: config validation, recipes and overrides, packing in
+the shifted layout, pack trimming, prompt files, the differentiable entropy and the value head."""
+
+import json
+
+import pytest
+import torch
+
+from pear_mega.pear import IGNORE_INDEX
+from pear_mega.rl.config import RLConfig, RolloutSettings, TaskConfig
+from pear_mega.rl.experience import (
+    PromptSource,
+    RolloutSequence,
+    build_pack,
+    gather_from_pack,
+    load_prompt_file,
+    plan_microbatches,
+    scatter_to_pack,
+    trim_packs,
+)
+from pear_mega.rl.recipes import RECIPES
+
+
+def _seq(group, prompt, response, reward=0.0, weight=1.0):
+    return RolloutSequence(group, list(prompt), list(response), [-0.5] * len(response), reward, reward, weight)
+
+
+def test_recipes_build_and_overrides():
+    for name in RECIPES.names():
+        cfg = RECIPES.build(name)
+        assert isinstance(cfg, RLConfig)
+        assert cfg.algorithm.grpo.group_size == cfg.rollout.n
+    cfg = RECIPES.build("debug_grpo", ["rollout.n=4", "algorithm.grpo.kl_coef=0.05", "algorithm.grpo.kl_estimator=k2",
+                                       'rollout.stop=["\\n"]', "algorithm.name=ppo"])
+    assert cfg.algorithm.grpo.group_size == 4 and cfg.policy is cfg.algorithm.ppo
+    assert cfg.algorithm.grpo.kl_estimator == "k2" and cfg.rollout.stop == ("\n",)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("rollout.temperature=0", "rollout.temperature"),
+    ("algorithm.name=dpo", "algorithm.name"),
+    ("algorithm.grpo.kl_estimator=k4", "kl_estimator"),
+    ("task.task_config=[1]", "task.task_config"),
+    ("train.seq_length=8", "train.seq_length"),
+    ("rollout.max_model_len=8", "rollout.max_model_len"),
+    ("refit.tol=0", "refit.tol"),
+    ("task.source=jsonl", "task.prompts_file"),
+])
+def test_invalid_overrides_name_the_field(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        RECIPES.build("debug_grpo", [override])
+
+
+def test_grpo_needs_two_samples():
+    with pytest.raises(ValueError, match="rollout.n"):
+        RLConfig(model=RECIPES.build("debug_grpo").model, rollout=RolloutSettings(n=1))
+
+
+def test_build_pack_shifted_layout():
+    seqs = [_seq(0, [5, 6, 7], [8, 9]), _seq(0, [10], [11, 12, 13])]
+    pack = build_pack(seqs, [0, 1], 12, pad_id=0)
+    assert pack["tokens"].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13, 0, 0, 0]
+    ign = IGNORE_INDEX
+    # labels[t] = tokens[t+1] on response tokens only; last position of each sequence -100
+    assert pack["labels"].tolist() == [ign, ign, 8, 9, ign, 11, 12, 13, ign, ign, ign, ign]
+    assert pack["cu_seqlens"].tolist() == [0, 5, 9, 12]
+    assert pack["starts"] == [2, 5] and pack["lengths"] == [2, 3]
+    values = {0: torch.tensor([1.0, 2.0]), 1: torch.tensor([3.0, 4.0, 5.0])}
+    per_token = scatter_to_pack(pack, values)
+    assert per_token.tolist() == [0, 0, 1, 2, 0, 3, 4, 5, 0, 0, 0, 0]
+    back = gather_from_pack(pack, per_token)
+    assert all(torch.equal(back[i], values[i]) for i in values)
+    with pytest.raises(ValueError, match="do not fit"):
+        build_pack(seqs, [0, 1], 8, pad_id=0)
+
+
+def test_trim_packs_cuts_to_content():
+    seqs = [_seq(0, [1] * 10, [2] * 5), _seq(0, [1] * 30, [2] * 40)]
+    packs = [build_pack(seqs, [0], 256, 0), build_pack(seqs, [1], 256, 0)]
+    packs[0]["loss_mask"] = torch.ones(256)
+    trimmed, length = trim_packs(packs, multiple=64)
+    assert length == 128
+    assert trimmed[0]["tokens"].shape == (128,) and trimmed[0]["loss_mask"].shape == (128,)
+    assert trimmed[0]["cu_seqlens"].tolist() == [0, 15, 128]
+    assert trimmed[1]["cu_seqlens"].tolist() == [0, 70, 128]
+    assert torch.equal(trimmed[1]["labels"], packs[1]["labels"][:128])
+
+
+def test_plan_microbatches_pads_ranks_equally_and_counts_tokens():
+    # sequence i lives on DP rank i % 2: rank 0 gets three 7-token sequences (3 packs of 8),
+    # rank 1 two 3-token ones (1 pack) and is padded with 2 empty packs
+    seqs = [_seq(0, [1, 2], [3] * (5 if i % 2 == 0 else 1), weight=0.0 if i == 4 else 1.0) for i in range(5)]
+    per_rank = [plan_microbatches(seqs, r, 2, 8, 0, minibatches=1, with_totals=True) for r in range(2)]
+    packs0, packs1 = per_rank[0][0][0], per_rank[1][0][0]
+    assert len(packs0) == len(packs1) == 3
+    assert [p["seq_ids"] for p in packs0] == [[0], [2], [4]]
+    assert [p["seq_ids"] for p in packs1] == [[1, 3], [], []]
+    assert packs1[2]["num_loss_tokens"] == 0 and (packs1[2]["labels"] == IGNORE_INDEX).all()
+    assert per_rank[0][1] == [5 + 1 + 5 + 1]  # sequence 4 has loss weight 0
+    two = plan_microbatches(seqs, 0, 1, 8, 0, minibatches=2, shuffle_seed=(1, 2, 3))
+    assert sorted(i for part in two for p in part for i in p["seq_ids"]) == [0, 1, 2, 3, 4]
+
+
+def test_prompt_source_cursor_order_and_state():
+    task = TaskConfig(source="synthetic", size=5, seed=3)
+    a, b = PromptSource(task, None, 1000), PromptSource(task, None, 1000)
+    first = a.take(7)  # crosses into the second epoch
+    assert sorted(map(str, (r["prompt"] for r in first[:5]))) == sorted(map(str, (r["prompt"] for r in a.rows)))
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.take(3) == a.take(3)
+    with pytest.raises(ValueError, match="num_prompts"):
+        PromptSource(TaskConfig(source="synthetic", size=6, seed=3), None, 1000).load_state_dict(a.state_dict())
+    rewards, _ = a.score(["", ""], [[1, 2, 600, 700], [999]], [{}, {}])
+    assert rewards.tolist() == [0.5, 0.0]
+
+
+def test_prompt_file_errors_name_row_and_field(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"prompt": "What is 2+2?", "answer": 4}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}) + "\n")
+    rows = load_prompt_file(str(good))
+    assert rows[0]["target"] == {"source": "math", "answer": "4"}
+    assert rows[0]["prompt"][-1] == {"role": "user", "content": "What is 2+2?"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "answer": "1"}) + "\n" + json.dumps({"prompt": "y"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1: field 'answer'"):
+        load_prompt_file(str(bad))
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}], "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0: field 'messages'"):
+        load_prompt_file(str(bad))
+
+
+def test_vocab_parallel_entropy_matches_reference_and_gradient():
+    from pear_mega.rl.algorithms import entropy_from_logits
+    from pear_mega.rl.trainer import vocab_parallel_entropy
+
+    z = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
+    ours = vocab_parallel_entropy(z)
+    ref = entropy_from_logits(z)
+    assert torch.allclose(ours.double(), ref.double(), atol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.sum(), z)
+    (g_ref,) = torch.autograd.grad(entropy_from_logits(z).sum(), z)
+    assert torch.allclose(g_ours.double(), g_ref.double(), atol=1e-5)
+
+
+def test_value_head_shape_and_zero_init():
+    from pear_mega.rl.critic import ValueHead
+
+    head = ValueHead(16, torch.float32, "cpu")
+    hidden = torch.randn(7, 1, 16)
+    values, bias = head(hidden, weight=None, runtime_gather_output=None)
+    assert values.shape == (7, 1, 1) and bias is None and torch.count_nonzero(values) == 0
+    with torch.no_grad():
+        head.weight.fill_(1.0)
+    assert torch.allclose(head(hidden)[0][:, 0, 0], hidden[:, 0].sum(-1))
