@@ -125,3 +125,41 @@ class RecipeRegistry:
         if name not in self._recipes:
             raise ValueError(f"unknown {self.kind} recipe {name!r}; known: {', '.join(self.names())}")
         return apply_overrides(self._recipes[name](), overrides or [])
+
+
+def run_recipe_cli(doc: str, registry: RecipeRegistry, make_trainer: Callable[[Any], Any],
+                   argv: list[str] | None = None, example_override: str = "optim.lr=1e-4") -> None:
+    """The shared command line of the trainers: ``--recipe NAME [dotted.key=value ...]``.
+
+    ``make_trainer(config)`` returns an object with ``train()``, ``close()`` and ``metrics``
+    (a ``MetricsWriter``); it is imported lazily by the caller so ``--help`` stays fast.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", help=f"one of: {', '.join(registry.names())}")
+    parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--metrics-out", default="", help="write the per-step metrics here as JSON lines")
+    parser.add_argument("overrides", nargs="*", help=f"dotted.key=value overrides, e.g. {example_override}")
+    args = parser.parse_args(argv)
+    if args.list_recipes:
+        print("\n".join(registry.names()))
+        return
+    if not args.recipe:
+        parser.error("--recipe is required")
+    cfg = registry.build(args.recipe, args.overrides)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return
+
+    from pear_mega.platform import quiet_fallback_warnings
+
+    quiet_fallback_warnings()
+    trainer = make_trainer(cfg)
+    try:
+        trainer.train()
+        if args.metrics_out:
+            trainer.metrics.dump(args.metrics_out)
+    finally:
+        trainer.close()

@@ -1,4 +1,4 @@
-"""The CPU quickstart (``make quickstart``): collect πβ log-probs → PEAR-SFT and plain SFT.
+"""The CPU quickstart (``make quickstart``): collect πβ log-probs → PEAR-SFT and plain SFT → GRPO → pass@k.
 
     python -m pear_mega.quickstart [--out outputs] [--steps 12] [--prompts 32]
 
@@ -13,6 +13,8 @@
    (``smollm2_plain_sft``: the same run with every weight 1) on the same data, in megatron-core.
 4. A table of the PEAR weight statistics and the losses of both, and where the TensorBoard logs
    and exported HF checkpoints are.
+5. (``--rl``, on by default) the same short GRPO run (``smollm2_grpo``) from each SFT model, then
+   pass@k of both on held-out prompts, as tables and a plot.
 
 Every step runs as its own process through the public entry points, exactly as a user would.
 """

@@ -8,40 +8,18 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+
+def _trainer(cfg):
+    from pear_mega.rl.trainer import RLTrainer
+
+    return RLTrainer(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pear_mega.config_tools import to_dict
+    from pear_mega.config_tools import run_recipe_cli
     from pear_mega.rl.recipes import RECIPES
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", help=f"one of: {', '.join(RECIPES.names())}")
-    parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--metrics-out", default="", help="write the per-step metrics here as JSON lines")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. algorithm.grpo.kl_coef=0.01")
-    args = parser.parse_args(argv)
-    if args.list_recipes:
-        print("\n".join(RECIPES.names()))
-        return
-    if not args.recipe:
-        parser.error("--recipe is required")
-    cfg = RECIPES.build(args.recipe, args.overrides)
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return
-
-    from pear_mega.rl.trainer import RLTrainer
-
-    trainer = RLTrainer(cfg)
-    try:
-        trainer.train()
-        if args.metrics_out:
-            trainer.metrics.dump(args.metrics_out)
-    finally:
-        trainer.close()
+    run_recipe_cli(__doc__, RECIPES, _trainer, argv, example_override="algorithm.grpo.kl_coef=0.01")
 
 
 if __name__ == "__main__":
