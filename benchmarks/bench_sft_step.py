@@ -134,6 +134,7 @@ def main() -> None:
             destroy_parallel(keep_process_group=True)
             rows.append({"dtype": dtype_name, "shape": shape, "megatron_s": mg, "hf_s": hf,
                          "megatron_tok_s": b * s / mg, "hf_tok_s": b * s / hf, "ratio": mg / hf})
+            print(f"measured {dtype_name} {shape}: megatron {mg:.3f} s, HF {hf:.3f} s", flush=True)
     print(f"\nSFT step, {os.path.basename(model_dir.rstrip('/'))}, {device}, median of {args.steps}\n")
     print("| dtype | BxS | megatron + PEAR (s) | HF + AdamW (s) | megatron tok/s | HF tok/s | megatron / HF |")
     print("|---|---|---|---|---|---|---|")
