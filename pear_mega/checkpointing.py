@@ -54,6 +54,12 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def latest_step(ckpt_dir: str | os.PathLike) -> int:
+    """Step of the newest complete checkpoint under ``ckpt_dir`` (-1 when there is none)."""
+    path = latest_checkpoint(ckpt_dir)
+    return int(path.name.split("_")[1]) if path is not None else -1
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG a step can touch: python, numpy, torch CPU, megatron's model-parallel tracker."""
     from megatron.core import tensor_parallel

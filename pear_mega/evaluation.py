@@ -68,11 +68,8 @@ def reasoning_gym_suite(task: str, size: int, seed: int, num_shots: int = 2, con
     return EvalSuite(task, [r["messages"] for r in rows], [r["meta"] for r in rows])
 
 
-def load_math_file(path: str | Path) -> list[dict]:
-    """Rows ``{"problem", "answer"}`` of an AIME-format jsonl file; errors name file, row and field."""
-    from pear_mega.rl.rewards import _math_parse
-
-    rows = []
+def iter_jsonl_objects(path: str | Path):
+    """Yield ``(row_index, object)`` for each non-blank line of a jsonl file; errors name file and row."""
     with open(path) as fh:
         for i, line in enumerate(fh):
             if not line.strip():
@@ -83,15 +80,30 @@ def load_math_file(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}: row {i}: expected a JSON object")  # noqa: TRY004 (bad data, not a bad call)
-            problem = row.get("problem")
-            if not isinstance(problem, str) or not problem.strip():
-                raise ValueError(f"{path}: row {i}: field 'problem' must be a non-empty string")
-            answer = row.get("answer")
-            if isinstance(answer, bool) or not isinstance(answer, (str, int)) or not str(answer).strip():
-                raise ValueError(f"{path}: row {i}: field 'answer' must be a non-empty string or an integer")
-            if not _math_parse(str(answer)):
-                raise ValueError(f"{path}: row {i}: field 'answer' {answer!r} is not a parseable math answer")
-            rows.append({"problem": problem, "answer": str(answer)})
+            yield i, row
+
+
+def gold_answer(row: Mapping, path: str | Path, i: int) -> str:
+    """The row's ``answer`` field as a string (a non-empty string or an integer, else an error)."""
+    answer = row.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)) or not str(answer).strip():
+        raise ValueError(f"{path}: row {i}: field 'answer' must be a non-empty string or an integer")
+    return str(answer)
+
+
+def load_math_file(path: str | Path) -> list[dict]:
+    """Rows ``{"problem", "answer"}`` of an AIME-format jsonl file; errors name file, row and field."""
+    from pear_mega.rl.rewards import _math_parse
+
+    rows = []
+    for i, row in iter_jsonl_objects(path):
+        problem = row.get("problem")
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{path}: row {i}: field 'problem' must be a non-empty string")
+        answer = gold_answer(row, path, i)
+        if not _math_parse(answer):
+            raise ValueError(f"{path}: row {i}: field 'answer' {row['answer']!r} is not a parseable math answer")
+        rows.append({"problem": problem, "answer": answer})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

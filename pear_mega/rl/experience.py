@@ -25,7 +25,6 @@ policy can only raise it by moving probability mass to the lower half of the voc
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -162,39 +161,28 @@ def load_prompt_file(path: str, num_shots: int = 2) -> list[dict]:
     reasoning-gym sample description. Errors name the file, row and field.
     """
     from pear_mega.data.prompts import few_shot_messages
-    from pear_mega.evaluation import MATH_DEMOS
+    from pear_mega.evaluation import MATH_DEMOS, gold_answer, iter_jsonl_objects
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"task.prompts_file {path}: no such file")
     rows = []
-    with open(p) as fh:
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: row {i}: expected a JSON object")  # noqa: TRY004 (bad data)
-            answer = row.get("answer")
-            if isinstance(answer, bool) or not isinstance(answer, (str, int)) or not str(answer).strip():
-                raise ValueError(f"{path}: row {i}: field 'answer' must be a non-empty string or an integer")
-            if "messages" in row:
-                messages = row["messages"]
-                if (not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)
-                        or messages[-1].get("role") != "user"):
-                    raise ValueError(f"{path}: row {i}: field 'messages' must be a list of chat messages ending "
-                                     "with a user turn")
-            elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-                messages = few_shot_messages(row["prompt"], list(MATH_DEMOS[:num_shots]))
-            else:
-                raise ValueError(f"{path}: row {i}: field 'prompt' (a non-empty string) or 'messages' is required")
-            meta = row.get("meta")
-            target = dict(meta) if isinstance(meta, dict) and meta.get("source") == "reasoning_gym" else \
-                {"source": "math", "answer": str(answer)}
-            rows.append({"prompt": messages, "target": target, "answer": str(answer)})
+    for i, row in iter_jsonl_objects(path):
+        answer = gold_answer(row, path, i)
+        if "messages" in row:
+            messages = row["messages"]
+            if (not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)
+                    or messages[-1].get("role") != "user"):
+                raise ValueError(f"{path}: row {i}: field 'messages' must be a list of chat messages ending "
+                                 "with a user turn")
+        elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            messages = few_shot_messages(row["prompt"], list(MATH_DEMOS[:num_shots]))
+        else:
+            raise ValueError(f"{path}: row {i}: field 'prompt' (a non-empty string) or 'messages' is required")
+        meta = row.get("meta")
+        target = dict(meta) if isinstance(meta, dict) and meta.get("source") == "reasoning_gym" else \
+            {"source": "math", "answer": answer}
+        rows.append({"prompt": messages, "target": target, "answer": answer})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from pear_mega.checkpointing import (
     checkpoint_name,
     latest_checkpoint,
+    latest_step,
     load_checkpoint,
     save_checkpoint,
 )
@@ -668,17 +669,13 @@ class RLTrainer:
                     metrics["timing/checkpoint"] = time.perf_counter() - t
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                     self.metrics.log(self.step, metrics, keys)
-            if cfg.checkpoint.dir and self._latest_step() != self.step:
+            if cfg.checkpoint.dir and latest_step(cfg.checkpoint.dir) != self.step:
                 self.save()
             if cfg.checkpoint.export_hf:
                 self.export_hf(cfg.checkpoint.export_hf)
         finally:
             self.metrics.close()
         return self.metrics.history
-
-    def _latest_step(self) -> int:
-        path = latest_checkpoint(self.cfg.checkpoint.dir)
-        return int(path.name.split("_")[1]) if path is not None else -1
 
     def save(self) -> Path:
         """Critic first, then the policy (whose ``latest`` marks the step complete)."""

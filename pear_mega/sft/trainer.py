@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pear_mega.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from pear_mega.checkpointing import latest_checkpoint, latest_step, load_checkpoint, save_checkpoint
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
 from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
@@ -269,18 +269,13 @@ class SFTTrainer:
                 if (cfg.checkpoint.dir and cfg.checkpoint.save_interval
                         and self.step % cfg.checkpoint.save_interval == 0 and self.bad_streak == 0):
                     self.save()
-            if cfg.checkpoint.dir and (latest_checkpoint(cfg.checkpoint.dir) is None
-                                       or self._latest_step() != self.step):
+            if cfg.checkpoint.dir and latest_step(cfg.checkpoint.dir) != self.step:
                 self.save()
             if cfg.checkpoint.export_hf:
                 self.export_hf(cfg.checkpoint.export_hf)
         finally:
             self.metrics.close()
         return self.metrics.history
-
-    def _latest_step(self) -> int:
-        path = latest_checkpoint(self.cfg.checkpoint.dir)
-        return int(path.name.split("_")[1]) if path is not None else -1
 
     def save(self, before_publish=None) -> Path:
         return save_checkpoint(
