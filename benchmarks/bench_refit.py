@@ -55,6 +55,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--block-size", type=int, default=None, help="KV block size (default: RolloutConfig's)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: RolloutConfig.keep_freed_memory (glibc keeps freed memory for reuse)")
     args = p.parse_args(argv)
 
     import torch
@@ -68,7 +70,8 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     engine = RolloutEngine(RolloutConfig(model=model_dir, dtype=args.dtype, max_model_len=512, seed=0,
-                                         num_threads=args.threads, block_size=args.block_size))
+                                         num_threads=args.threads, block_size=args.block_size,
+                                         keep_freed_memory=args.keep_freed_memory))
     start_s = time.perf_counter() - t0
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if torch.cuda.is_available():
@@ -108,7 +111,8 @@ def main(argv=None) -> None:
                  f"{tokens / gen_s:.0f} tok/s", f"{tokens} tokens"))
     rows.append(("engine start", f"{start_s:.1f} s", "", ""))
 
-    print(f"\n{os.path.basename(model_dir)}, {args.dtype}; {_machine()}; "
+    print(f"\n{os.path.basename(model_dir)}, {args.dtype}{', keep_freed_memory' if args.keep_freed_memory else ''}; "
+          f"{_machine()}; "
           f"{datetime.date.today().isoformat()}; commit {_commit()}\n")
     print("| measurement | time | rate | size |\n|---|---|---|---|")
     for r in rows:

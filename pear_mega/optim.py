@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pear_mega.platform import use_gpu
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -52,7 +54,11 @@ class OptimConfig:
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
-    """Wrap a megatron module in megatron's DDP (contiguous fp32 grad buffers)."""
+    """Wrap a megatron module in megatron's DDP (contiguous fp32 grad buffers).
+
+    On CPU the linear layers then accumulate their weight gradients straight into the fp32 grad
+    buffer (``pear_mega.models.cpu_linear``; needs ``overlap_grad_reduce=False``, set here).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -61,7 +67,12 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.n
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the guarded step below decides what a bad step is
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    if not use_gpu():
+        from pear_mega.models.cpu_linear import enable_main_grad_accumulation
+
+        enable_main_grad_accumulation(model)
+    return ddp
 
 
 def build_optimizer(model_chunks: list[torch.nn.Module], cfg: OptimConfig, total_steps: int, dtype: torch.dtype):
@@ -85,6 +96,8 @@ def build_optimizer(model_chunks: list[torch.nn.Module], cfg: OptimConfig, total
         use_distributed_optimizer=use_dist,
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    if not use_gpu():
+        _use_fused_cpu_adam(optimizer)
     decay_steps = max(total_steps, cfg.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -102,6 +115,50 @@ def build_optimizer(model_chunks: list[torch.nn.Module], cfg: OptimConfig, total
     return optimizer, scheduler
 
 
+def _use_fused_cpu_adam(optimizer) -> None:
+    """Switch megatron's torch AdamW (its fallback without TE/apex) to torch's fused CPU kernel.
+
+    Without the switch torch runs the for-loop AdamW on CPU tensors: ~6 elementwise passes per
+    parameter (lerp, mul, addcmul, sqrt, div, addcdiv) each reading and writing memory. The fused
+    kernel does the same update in one vectorized pass (megatron's own CPU-offload optimizer
+    passes ``fused=True`` for the same reason). Same update rule; results agree to float rounding.
+    Set before the first step: the ``step`` state is created then, on the parameter's device.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):  # AdamW subclasses Adam
+            continue
+        inner.defaults.update(fused=True, foreach=False)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=False)
+
+
+def _clip_grads_(opt, max_norm: float, total_norm: float) -> None:
+    """Scale ``opt``'s fp32 gradients in place by ``max_norm / total_norm`` when that is < 1.
+
+    On GPU this is megatron's ``clip_grad_by_total_norm_fp32`` (apex's multi-tensor scale). On CPU
+    megatron's fallback computes ``grad.copy_(grad * coeff)``: a temporary the size of every
+    gradient (page-faulting fresh memory for the large ones) and an extra pass; ``mul_`` is the
+    same product in place.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    params = opt.get_parameters()
+    if not params:
+        return
+    decoupled = opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+    if use_gpu():
+        clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=total_norm, use_decoupled_grad=decoupled)
+        return
+    coeff = max_norm / (total_norm + 1.0e-6)  # megatron's formula, epsilon included
+    if coeff >= 1.0:
+        return
+    for param in params:
+        grad = getattr(param, "decoupled_grad", None) if decoupled else param.grad
+        if grad is not None:
+            grad.detach().mul_(coeff)
+
+
 def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool = True) -> tuple[bool, float]:
     """Clip and apply the update only when the loss and the global grad norm are finite.
 
@@ -112,8 +169,6 @@ def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool = True) -> tu
     Returns:
         ``(applied, grad_norm)``; when not applied the gradients are left for the caller to zero.
     """
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
     if optimizer.prepare_grads():  # loss-scaler overflow (fp16 only)
         return False, float("inf")
     grad_norm = float(optimizer.get_grad_norm())
@@ -121,13 +176,6 @@ def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool = True) -> tu
         return False, grad_norm
     if clip_grad > 0:
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            params = opt.get_parameters()
-            if params:
-                clip_grad_by_total_norm_fp32(
-                    params,
-                    max_norm=clip_grad,
-                    total_norm=grad_norm,
-                    use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
-                )
+            _clip_grads_(opt, clip_grad, grad_norm)
     optimizer.step_with_ready_grads()
     return True, grad_norm

@@ -21,6 +21,7 @@ from pear_mega.models.build import (
 from pear_mega.models.checkpoint import (
     CheckpointMeta,
     SafetensorsReader,
+    hf_tensor_senders,
     iter_hf_tensors,
     load_checkpoint,
     load_hf_checkpoint,
@@ -49,6 +50,7 @@ __all__ = [
     "forward_logits",
     "hf_tensor_names",
     "hf_to_megatron_shard",
+    "hf_tensor_senders",
     "iter_hf_tensors",
     "layer_spec",
     "load_checkpoint",

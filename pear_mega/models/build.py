@@ -8,7 +8,9 @@ Layer spec, chosen once per model (and logged):
 - **local** (``get_gpt_layer_local_spec``) otherwise, with megatron's unfused core attention
   swapped for ``SDPAttention`` (``torch.nn.functional.scaled_dot_product_attention``). On 2 CPU
   cores this took a SmolLM2-135M 1x1024 training step from 7.77 s to 5.49 s (HF: 4.98 s). Packed
-  sequences are expressed as a block-diagonal causal mask.
+  sequences are expressed as a block-diagonal causal mask. The norms are cast to the model dtype.
+  On CPU the linear layers run ``pear_mega.models.cpu_linear`` (bf16 GEMMs in fp32, weight
+  gradients accumulated into DDP's buffer), and ``SDPAttention`` computes bf16 attention in fp32.
 
 The model takes ``input_ids [1, s]`` and returns vocab-parallel logits ``[1, s, V_pad / tp]`` on the
 last pipeline stage (``parallel_output=True``: the full vocabulary is never gathered; the loss is
@@ -78,6 +80,11 @@ def _sdpa_attention_class():
                 mask, is_causal = None, mask_type == AttnMaskType.causal
             dropout_p = self.attention_dropout.p if self.training else 0.0
             gqa = q.shape[1] != k.shape[1]
+            dtype = q.dtype
+            if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+                # On CPUs without bf16 instructions torch's flash kernel is 4-7x slower in bf16
+                # than in fp32; in fp32 it is fast and at least as precise.
+                q, k, v = q.float(), k.float(), v.float()
             if dropout_p > 0.0 and not self.config.sequence_parallel:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     out = torch.nn.functional.scaled_dot_product_attention(
@@ -89,7 +96,7 @@ def _sdpa_attention_class():
                     q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                     scale=self.softmax_scale, enable_gqa=gqa,
                 )  # fmt: skip
-            return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+            return out.to(dtype).permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
     _SDPAttention.__name__ = _SDPAttention.__qualname__ = "SDPAttention"
     SDPAttention = _SDPAttention
@@ -240,8 +247,14 @@ def build_gpt_model(
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings,
         )
+    if not te:
+        _fix_local_norm_dtype(model, dtype)
     if ctx.device.type == "cuda":
         model = model.to(ctx.device)
+    else:
+        from pear_mega.models.cpu_linear import install_cpu_linear
+
+        install_cpu_linear(model)
     model.pear_spec_layout = SPEC_TE if te else SPEC_LOCAL
     model.pear_arch = arch
     model.pear_padded_vocab_size = padded_vocab_size
@@ -253,6 +266,19 @@ def build_gpt_model(
             ctx.tp_size, ctx.pp_size, arch.vocab_size, padded_vocab_size, dtype,
         )  # fmt: skip
     return model
+
+
+def _fix_local_norm_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give the local spec's norms the model's parameter dtype.
+
+    megatron's ``WrappedTorchNorm`` builds ``torch.nn.RMSNorm`` / ``LayerNorm`` without
+    ``params_dtype`` (megatron's own trainer later casts the whole model through
+    ``Float16Module``), so in a bf16 model their weights would stay fp32: a mixed-dtype norm that
+    cannot use torch's fused kernel, and weights that differ from the HF bf16 model's.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(dtype)
 
 
 def attention_inputs(cu_seqlens: torch.Tensor, seq_len: int, device, *, use_te: bool | None = None):

@@ -389,61 +389,98 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- megatron -> HF
 
 
-def iter_hf_tensors(model, arch: ModelArch, ctx, dst: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield full HF-named tensors of a TP/PP-sharded model on global rank ``dst``.
+def hf_tensor_senders(ctx) -> dict[int, int]:
+    """Global rank that sends each pipeline stage's merged HF tensors: the stage's rank with
+    tp = dp = cp = 0. Collective (all ranks)."""
+    import torch.distributed as dist
 
-    Every rank must exhaust the iterator (it drives the collectives): TP shards are all-gathered
-    over the TP group of the stage that owns a tensor, and the stage's TP-rank-0 sends the merged
-    HF tensors to ``dst`` point to point. Only the data-parallel replica 0 takes part. Tied models
-    yield ``lm_head.weight`` too (the rollout engine needs it). Tensors are on ``ctx.device`` in
-    the model's dtype and may share storage with the parameters.
+    coords: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(coords, (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.cp_rank))
+    return {c[1]: r for r, c in enumerate(coords) if c[0] == 0 and c[2] == 0 and c[3] == 0}
+
+
+def iter_hf_tensors(
+    model, arch: ModelArch, ctx, dst: int = 0, *, broadcast_groups: dict[int, Any] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield full HF-named tensors of a TP/PP-sharded model on global rank ``dst``, or on every
+    member of ``broadcast_groups``.
+
+    Every rank must exhaust the iterator (it drives the collectives): TP shards are gathered
+    to TP rank 0 over the TP group of the stage that owns a tensor, and the stage's sender (its tp = dp = cp =
+    0 rank, ``hf_tensor_senders``) merges them into HF tensors and either sends them to ``dst``
+    point to point or, with ``broadcast_groups[stage]`` (a process group containing that sender,
+    same order of calls on every member), broadcasts them to the group. Only data-parallel
+    replica 0 gathers; any rank may receive. Tied models yield ``lm_head.weight`` too (the rollout
+    engine needs it). Tensors are on ``ctx.device`` in the model's dtype and may share storage
+    with the parameters.
 
     Args:
-        dst: a global rank with tp_rank == dp_rank == cp_rank == 0 (default 0).
+        dst: a global rank with tp_rank == dp_rank == cp_rank == 0 (default 0); ignored with
+            ``broadcast_groups``.
+        broadcast_groups: pipeline stage -> process group of the sender and the receivers (the
+            ranks of a tensor-parallel rollout engine, say); None: point to point to ``dst``.
     """
     import torch.distributed as dist
 
     gpt = unwrap_model(model)
     params = {name: p for name, p in gpt.named_parameters()}
-    world = dist.get_world_size()
-    coords: list[Any] = [None] * world
-    dist.all_gather_object(coords, (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.cp_rank))
-    if not 0 <= dst < world or coords[dst][0] != 0 or coords[dst][2] != 0 or coords[dst][3] != 0:
-        raise ValueError(f"iter_hf_tensors: dst={dst} must be a rank with tp, dp and cp rank 0")
-    senders = {c[1]: r for r, c in enumerate(coords) if c[0] == 0 and c[2] == 0 and c[3] == 0}
-    if ctx.dp_rank != 0 or ctx.cp_rank != 0:
+    senders = hf_tensor_senders(ctx)
+    if broadcast_groups is None:
+        if dst not in senders.values():  # the ranks with tp = dp = cp = 0
+            raise ValueError(f"iter_hf_tensors: dst={dst} must be a rank with tp, dp and cp rank 0")
+        members = {stage: {senders[stage], dst} for stage in senders}  # the sender only sends
+    else:
+        if set(broadcast_groups) != set(senders):
+            raise ValueError(f"iter_hf_tensors: broadcast_groups needs one group per stage {sorted(senders)}, "
+                             f"got {sorted(broadcast_groups)}")
+        members = {stage: set(dist.get_process_group_ranks(g)) for stage, g in broadcast_groups.items()}
+        for stage, ranks in members.items():
+            if senders[stage] not in ranks:
+                raise ValueError(f"iter_hf_tensors: the group of stage {stage} lacks its sender, rank {senders[stage]}")
+    gathers = ctx.dp_rank == 0 and ctx.cp_rank == 0
+    if not gathers and not any(ctx.rank in m for m in members.values()):
         return
     dtype = next(iter(params.values())).dtype
-    is_dst = ctx.rank == dst
     for stage in range(ctx.pp_size):
+        receives = ctx.rank in members[stage]
         for entry in stage_tensor_maps(arch, stage, ctx.pp_size):
             if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
                 continue  # the last stage's copy of the embedding
             results = None
-            if ctx.pp_rank == stage:
+            if gathers and ctx.pp_rank == stage:
                 local = params[local_name(entry.megatron, arch, stage, ctx.pp_size, gpt.pear_spec_layout)].detach()
                 if entry.kind == REPLICATED or ctx.tp_size == 1:
                     shards = [local]
                 else:
+                    # a gather, not an all-gather: only TP rank 0 merges the shards (the others
+                    # would receive tp - 1 shards of every tensor for nothing)
                     local = local.contiguous()
-                    shards = [torch.empty_like(local) for _ in range(ctx.tp_size)]
-                    dist.all_gather(shards, local, group=ctx.tp_group)
+                    shards = [torch.empty_like(local) for _ in range(ctx.tp_size)] if ctx.tp_rank == 0 else None
+                    dist.gather(local, shards, group=ctx.tp_group, group_dst=0)
                 if ctx.tp_rank == 0:
                     results = megatron_to_hf(entry.megatron, shards, arch)
-            if is_dst:
-                if results is None:
-                    results = []
-                    for name in entry.hf:
-                        buf = torch.empty(hf_tensor_shape(arch, name), dtype=dtype, device=ctx.device)
-                        dist.recv(buf, src=senders[stage])
-                        results.append((name, buf))
-                for name, tensor in results:
-                    yield name, tensor
-                    if arch.tie_word_embeddings and name == "model.embed_tokens.weight":
-                        yield "lm_head.weight", tensor
-            elif results is not None and ctx.pp_rank == stage:
+            src = senders[stage]
+            if ctx.rank == src:
                 for _, tensor in results:
-                    dist.send(tensor.contiguous(), dst=dst)
+                    if broadcast_groups is None:
+                        if dst != src:
+                            dist.send(tensor.contiguous(), dst=dst)
+                    elif len(members[stage]) > 1:
+                        dist.broadcast(tensor.contiguous(), src=src, group=broadcast_groups[stage])
+            elif receives:
+                results = [(name, torch.empty(hf_tensor_shape(arch, name), dtype=dtype, device=ctx.device))
+                           for name in entry.hf]
+                for _, buf in results:
+                    if broadcast_groups is None:
+                        dist.recv(buf, src=src)
+                    else:
+                        dist.broadcast(buf, src=src, group=broadcast_groups[stage])
+            if not receives or (broadcast_groups is None and ctx.rank != dst):
+                continue
+            for name, tensor in results:
+                yield name, tensor
+                if arch.tie_word_embeddings and name == "model.embed_tokens.weight":
+                    yield "lm_head.weight", tensor
 
 
 def model_param_names(model, arch: ModelArch, ctx) -> list[str]:

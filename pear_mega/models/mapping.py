@@ -330,6 +330,11 @@ def entry_for(canonical: str, arch: ModelArch) -> TensorMap:
     raise KeyError(f"{canonical!r} is not a parameter of a {arch.family} model")
 
 
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` without the copy of a single tensor (TP=1)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def megatron_to_hf(canonical: str, tp_shards: list[torch.Tensor], arch: ModelArch) -> list[tuple[str, torch.Tensor]]:
     """Full HF tensors from the TP shards of one megatron parameter.
 
@@ -338,20 +343,22 @@ def megatron_to_hf(canonical: str, tp_shards: list[torch.Tensor], arch: ModelArc
         tp_shards: the parameter on TP ranks ``0..tp-1`` in rank order (one tensor at TP=1).
         arch: the architecture.
     Returns:
-        ``[(hf_name, tensor)]`` in table order; vocab padding removed.
+        ``[(hf_name, tensor)]`` in table order, contiguous; vocab padding removed. At TP=1 every
+        tensor but q/k/v (regrouped rows) is a view of the shard, not a copy: the live weight
+        sync reads them before the parameters change again.
     """
     entry = entry_for(canonical, arch)
     if entry.kind == REPLICATED:
         tensors = [tp_shards[0]]
     elif entry.kind == VOCAB:
-        tensors = [torch.cat(tp_shards, dim=0)[: arch.vocab_size]]
+        tensors = [_cat(tp_shards, dim=0)[: arch.vocab_size]]
     elif entry.kind == ROW:
-        tensors = [torch.cat(tp_shards, dim=1)]
+        tensors = [_cat(tp_shards, dim=1)]
     elif entry.kind == QKV:
-        tensors = list(_split_qkv(torch.cat(tp_shards, dim=0), arch))
+        tensors = list(_split_qkv(_cat(tp_shards, dim=0), arch))
     elif entry.kind == GATE_UP:
         halves = [shard.chunk(2, dim=0) for shard in tp_shards]
-        tensors = [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+        tensors = [_cat([g for g, _ in halves], dim=0), _cat([u for _, u in halves], dim=0)]
     else:
         raise ValueError(f"unknown tensor kind {entry.kind!r}")
     return [(name, t.contiguous()) for name, t in zip(entry.hf, tensors)]

@@ -94,7 +94,7 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """Sampling and the colocated vLLM engine (built on global rank 0)."""
+    """Sampling and the colocated vLLM engines (on global ranks 0 .. num_engines·tensor_parallel_size−1)."""
 
     prompts_per_step: int = 8
     """G: prompts per RL step."""
@@ -123,6 +123,12 @@ class RolloutSettings:
     enforce_eager: bool = True
     num_threads: int = 0
     """CPU: torch threads of the trainer process after the engine starts; 0 = unchanged."""
+    tensor_parallel_size: int = 1
+    """R: vLLM tensor-parallel workers per engine, each a trainer process (vLLM's external_launcher
+    executor; ``pear_mega.rl.engine_group``). Needed once the model does not fit one device."""
+    num_engines: int = 1
+    """E: engines on global ranks 0 .. E·R−1, each sampling its share of the prompts; 0 = as
+    many as the trainer's ranks hold (world_size // R)."""
 
     def __post_init__(self):
         for name in ("prompts_per_step", "n", "max_tokens", "max_num_seqs"):
@@ -136,6 +142,11 @@ class RolloutSettings:
             raise ValueError(f"rollout.max_model_len ({self.max_model_len}) must exceed rollout.max_tokens ({self.max_tokens})")
         if self.dtype not in ("", "float32", "bfloat16", "float16"):
             raise ValueError(f"rollout.dtype must be '', float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.num_engines < 0:
+            raise ValueError(f"rollout.num_engines must be >= 0 (0 = world_size // tensor_parallel_size), "
+                             f"got {self.num_engines}")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -213,7 +224,7 @@ class RefitConfig:
     """Weight sync trainer → engine and its verification on fixed probe sequences."""
 
     bucket_mb: int = 256
-    """Bound of one reload call (cut between layers only)."""
+    """Whole layers gathered ahead of the engine, in MiB (the refit streams through one reload call)."""
     verify_interval: int = 1
     """Compare engine and trainer log-probs on the probes every N steps (0 = never)."""
     tol: float = 1e-3

@@ -198,7 +198,11 @@ def sampling_seed(engine_seed: int, step: int, round_: int) -> int:
 
 def collect_rollouts(engine, source: PromptSource, cfg: RLConfig, step: int
                      ) -> tuple[list[RolloutSequence], dict[str, float], str]:
-    """Generate → reward → over-long shaping → (GRPO) dynamic sampling, on the engine's rank.
+    """Generate → reward → over-long shaping → (GRPO) dynamic sampling, on the engine ranks.
+
+    ``engine``: anything with ``RolloutEngine.generate``'s signature — a ``RolloutEngine``, or the
+    ``EngineGroup`` that spreads the prompts over several engines (then every engine rank runs this
+    with the same arguments and gets the same result).
 
     Sampling of round ``k`` of step ``s`` is seeded with ``(engine_seed, s, k)`` (vLLM's sampler
     draws from torch's default generator in this process), so the batch depends only on the

@@ -101,16 +101,21 @@ def llama3_70b_grpo() -> RLConfig:
     """4 nodes x 8 H100: Llama-3-70B-Instruct, bf16, trainer TP=8 x PP=4, DAPO-style GRPO on
     math (clip-higher, dynamic sampling, soft over-long penalty, token-level loss).
 
-    The rollout engine is one in-process vLLM on global rank 0 (``pear_mega.rl.rollout``, single
-    device): a 70B engine needs vLLM tensor parallelism, which that engine does not offer yet, so
-    this recipe documents the trainer side and runs end to end only once it does.
+    Rollouts: four vLLM engines of tensor parallel size 8, one per node, inside the trainer
+    processes (``pear_mega.rl.engine_group``); each samples a quarter of the prompts. The engines
+    sleep during training (weights offloaded to host memory, KV cache freed), each refit
+    broadcasts the full bf16 HF tensors (~141 GB in 1 GiB buckets) to every rank, and every
+    engine is verified against the trainer on probe prompts every 10 steps. Launch with
+    ``torchrun --nnodes 4 --nproc-per-node 8 -m pear_mega.train_rl --recipe llama3_70b_grpo``
+    (the rendezvous flags of ``examples/pear_70b.sh``). Not run: no GPU cluster was available.
     """
     return RLConfig(
         name="llama3_70b_grpo",
         model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True),
         task=TaskConfig(source="jsonl", prompts_file="/data/rl/math_train.jsonl", num_shots=0, seed=0),
         rollout=RolloutSettings(prompts_per_step=64, n=16, temperature=1.0, max_tokens=4096, max_model_len=6144,
-                                gpu_memory_utilization=0.5, enforce_eager=False),
+                                gpu_memory_utilization=0.5, enforce_eager=False, tensor_parallel_size=8,
+                                num_engines=0),
         algorithm=AlgorithmConfig(
             name="grpo", minibatches=4,
             grpo=GRPOConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, tis_cap=2.0, dynamic_sampling=True,

@@ -2,8 +2,8 @@
 
 One RL step, one phase per line (``RLTrainer.train_step``)::
 
-    seqs     = generate()          rank 0: vLLM samples n responses per prompt, verifiable rewards,
-                                   over-long shaping, dynamic sampling → broadcast to every rank
+    seqs     = generate()          engine ranks: vLLM samples n responses per prompt, verifiable
+                                   rewards, over-long shaping, dynamic sampling → every rank
     exp      = recompute(seqs)     forward-only: log π_old and entropy (policy), log π_ref
                                    (frozen initial policy), V (critic, PPO)
     adv      = advantages(...)     GRPO: group-relative per sequence; PPO: GAE on token rewards
@@ -13,8 +13,11 @@ One RL step, one phase per line (``RLTrainer.train_step``)::
     drift    = snapshot.update()   update sparsity, parameter drift
 
 Layout. Every rank builds the policy (DDP + optimizer), the reference model and, for PPO, the
-critic, split by TP/PP/DP like the SFT trainer. The vLLM engine lives on global rank 0 only; its
-rollouts are broadcast with ``broadcast_object_list``. Sequence ``i`` stays on DP rank ``i % dp``
+critic, split by TP/PP/DP like the SFT trainer. The vLLM engines live in the trainer processes
+(``pear_mega.rl.engine_group``): ``rollout.num_engines`` engines of ``rollout.tensor_parallel_size``
+workers on global ranks ``0 .. E·R−1`` (default one single-worker engine on rank 0); rank 0's
+rollouts are broadcast with ``broadcast_object_list``. On GPU the engines sleep (sleep mode:
+weights offloaded, KV cache freed) from the end of generation until the refit. Sequence ``i`` stays on DP rank ``i % dp``
 for the whole step (``pear_mega.rl.experience``), and its per-token tensors (old/ref log-probs,
 values, advantages) live on the last pipeline stage of that DP rank, where the loss is computed.
 
@@ -51,6 +54,7 @@ from pear_mega.metrics_log import MetricsWriter
 from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
 from pear_mega.pear import IGNORE_INDEX, PearConfig
 from pear_mega.rl.config import RLConfig
+from pear_mega.rl.engine_group import EngineGroup, EnginePlacement
 from pear_mega.rl.experience import (
     Experience,
     RolloutSequence,
@@ -175,8 +179,11 @@ class RLTrainer:
                     load_checkpoint(Path(cfg.checkpoint.dir) / "critic" / checkpoint_name(self.step), self.critic,
                                     self.critic_optimizer, self.critic_scheduler, self.ctx)
 
-        self.engine = self.source = None
-        probes = self._on_rank0(self._start_engine)
+        self.source = None
+        ro = cfg.rollout
+        self.rollout = EngineGroup(self.ctx, EnginePlacement.from_settings(
+            self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s)
+        probes = self.rollout.on_hosts(self._start_engine)
         self.probe_seqs = [RolloutSequence(-1, p, r, [0.0] * len(r), 0.0, 0.0) for p, r in zip(*probes)]
         self.snapshot = None
         if cfg.logging.update_sparsity:
@@ -216,18 +223,24 @@ class RLTrainer:
             p.requires_grad_(False)
         return model.eval()
 
+    @property
+    def engine(self):
+        """This rank's rollout engine worker (None on ranks that host none)."""
+        return self.rollout.engine
+
     def _start_engine(self):
-        """Rank 0: the vLLM engine on the initial weights, the prompt source and the probes."""
+        """Engine ranks: the vLLM engine on the initial weights, the prompt source and the probes."""
         from pear_mega.rl.experience import PromptSource
         from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
 
         ro, cfg = self.cfg.rollout, self.cfg
-        self.engine = RolloutEngine(RolloutConfig(
+        config = RolloutConfig(
             model=cfg.model.hf_path, dtype=ro.dtype or cfg.model.dtype, max_model_len=ro.max_model_len,
             gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_bytes=int(ro.kv_cache_gib * (1 << 30)),
             seed=ro.engine_seed, max_num_seqs=ro.max_num_seqs, enforce_eager=ro.enforce_eager,
-            num_threads=ro.num_threads or None,
-        ))
+            num_threads=ro.num_threads or None, tensor_parallel_size=ro.tensor_parallel_size,
+        )
+        self.rollout.start(lambda launch_env: RolloutEngine(config, launch_env=launch_env))
         self.source = PromptSource(cfg.task, self.engine.tokenizer, self.arch.vocab_size)
         if self.data_state:
             self.source.load_state_dict(self.data_state["prompts"])
@@ -252,37 +265,22 @@ class RLTrainer:
         snap.update(policy.named_parameters())  # θ_prev := the resumed weights
         return snap
 
-    # ------------------------------------------------------------------ rank-0 phases
-    def _on_rank0(self, fn):
-        """Run ``fn`` on rank 0 and broadcast its result; a failure there stops every rank."""
-        payload = [None, None]
-        error = None
-        if self.is_rank0:
-            try:
-                payload[0] = fn()
-            except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks are told)
-                error = exc
-                payload[1] = f"{type(exc).__name__}: {exc}"
-        dist.broadcast_object_list(payload, src=0)
-        if payload[1] is not None:
-            if error is not None:
-                raise error
-            raise RuntimeError(f"rank 0 failed: {payload[1]}")
-        return payload[0]
-
+    # ------------------------------------------------------------------ rollout phases
     def generate(self) -> tuple[list[RolloutSequence], dict[str, float]]:
-        """Rank 0 samples and scores a batch; every rank receives it with the prompt cursor."""
+        """The engine ranks sample and score a batch; every rank receives rank 0's with the prompt
+        cursor."""
         def work():
             start = time.perf_counter()
-            seqs, metrics, example = collect_rollouts(self.engine, self.source, self.cfg, self.step)
+            seqs, metrics, example = collect_rollouts(self.rollout, self.source, self.cfg, self.step)
+            self.engine.sleep()  # GPU: free the engine's memory for training (no-op on CPU)
             every = self.cfg.logging.sample_interval
-            if every and (self.step + 1) % every == 0:
+            if every and (self.step + 1) % every == 0 and self.is_rank0:
                 print(f"step {self.step + 1} sample: {example!r}", flush=True)
             # vLLM sampling alone (scoring is timed apart as timing/reward)
             metrics["timing/generation"] = time.perf_counter() - start - metrics["timing/reward"]
             return seqs, metrics, {"prompts": self.source.state_dict()}
 
-        seqs, metrics, self.data_state = self._on_rank0(work)
+        seqs, metrics, self.data_state = self.rollout.on_hosts(work)
         return seqs, metrics
 
     # ------------------------------------------------------------------ forward passes
@@ -559,11 +557,12 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self) -> dict[str, float]:
-        """Gather the policy into full HF tensors on rank 0 and load them into the engine in place."""
+        """Gather the policy into full HF tensors on every engine rank and load them into the
+        engines in place (each worker keeps its shard)."""
         from pear_mega.models import iter_hf_tensors
 
         start = time.perf_counter()
-        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, dst=0)
+        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, broadcast_groups=self.rollout.broadcast_groups)
 
         def work():
             try:
@@ -576,14 +575,14 @@ class RLTrainer:
                     "weight_sync/bytes_per_s": stats.bytes / max(seconds, 1e-9),
                     "weight_sync/buckets": float(stats.num_buckets)}
 
-        if not self.is_rank0:
+        if not self.rollout.hosts_engine:
             for _ in tensors:
                 pass
-        return self._on_rank0(work)
+        return self.rollout.on_hosts(work)
 
     def probe_logprobs(self) -> list[torch.Tensor] | None:
-        """Trainer log π(probe response | probe prompt) at temperature 1 (on every rank that
-        receives them: rank 0 and the metrics source)."""
+        """Trainer log π(probe response | probe prompt) at temperature 1 (on the engine ranks and
+        the metrics source)."""
         packs = pack_sequences(self.probe_seqs, list(range(len(self.probe_seqs))), self.cfg.train.seq_length,
                                self.pad_id)
         outputs = self._forward_only(self.policy, packs, partial(self._logprob_loss, 1.0))
@@ -593,7 +592,7 @@ class RLTrainer:
             for pack, out in zip(packs, outputs):
                 per_seq.update(gather_from_pack(pack, out["logp"]))
             result = [per_seq[i] for i in range(len(self.probe_seqs))]
-        if self.metrics_src != 0:
+        if self.metrics_src != 0 or self.rollout.placement.num_hosts > 1:
             box = [result]
             dist.broadcast_object_list(box, src=self.metrics_src)
             result = box[0]
@@ -601,7 +600,8 @@ class RLTrainer:
 
     def verify_refit(self) -> dict[str, float]:
         """Engine vs trainer log-probs on the probes; beyond ``refit.tol`` every rank stops
-        (RefitVerificationError on rank 0)."""
+        (RefitVerificationError on the engine ranks whose engine disagrees). Every engine is checked;
+        the logged difference is the largest over engines."""
         start = time.perf_counter()
         trainer_logprobs = self.probe_logprobs()
 
@@ -609,9 +609,10 @@ class RLTrainer:
             worst = self.engine.verify_refit([s.prompt_ids for s in self.probe_seqs],
                                              [s.response_ids for s in self.probe_seqs], trainer_logprobs,
                                              tol=self.cfg.refit.tol)
+            worst = self.rollout.max_over_engines(worst)
             return {"refit/max_abs_logp_diff": worst, "timing/refit_verify": time.perf_counter() - start}
 
-        return self._on_rank0(work)
+        return self.rollout.on_hosts(work)
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, float]:
@@ -706,7 +707,5 @@ class RLTrainer:
     def close(self) -> None:
         from pear_mega.parallel import destroy_parallel
 
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self.rollout.close()
         destroy_parallel()

@@ -130,8 +130,10 @@ class SFTTrainer:
         n_tokens = mask.sum()
         v_local = logits.shape[-1]
         normalizer = None if pear.normalization == "weights" else 1.0
+        # squeeze, not logits[0]: squeeze's backward is a view of the incoming gradient, while
+        # select's backward allocates a zeroed [1, S, V/tp] buffer and copies the gradient into it.
         out = fused_pear_loss(
-            logits[0], labels, logp_beta, cu_seqlens, pear,
+            logits.squeeze(0), labels, logp_beta, cu_seqlens, pear,
             tp_group=self.ctx.tp_group if self.ctx.tp_size > 1 else None,
             vocab_start=self.ctx.tp_rank * v_local, normalizer=normalizer, vocab_size=self.arch.vocab_size,
             # The logits are a fresh [s, V/tp] buffer (GPTModel's transpose().contiguous()) that nothing

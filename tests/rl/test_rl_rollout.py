@@ -129,3 +129,25 @@ def test_refit_input_errors(engine, hf_model):
     with pytest.raises(ValueError, match="were not sent"):
         engine.update_weights(params[:1])
     engine.update_weights(params)  # leave the engine consistent
+
+
+@pytest.mark.slow
+def test_interrupted_refit_leaves_engine_usable(engine, hf_model):
+    """A source that fails midway (a failed gather, say) reaches vLLM inside its reload call: the
+    layers it had not reached must get their weights back, not stay on the meta device."""
+    params = list(hf_model.named_parameters())
+
+    def failing():
+        for i, item in enumerate(params):
+            if i == len(params) // 2:
+                raise RuntimeError("gather failed")
+            yield item
+
+    with pytest.raises(RuntimeError, match="gather failed"):
+        engine.update_weights(failing(), bucket_bytes=1 << 20)
+    assert len(engine.generate(PROBE_PROMPTS[:1], n=1, max_tokens=2)) == 1
+    _perturb(hf_model, seed=3)
+    engine.update_weights(list(hf_model.named_parameters()))
+    responses = [[17, 230, 4001, 9], [88, 1203]]
+    hf_lp = _hf_logprobs(engine, hf_model, PROBE_PROMPTS, responses)
+    assert engine.verify_refit(PROBE_PROMPTS, responses, hf_lp, tol=1e-4) <= 1e-4

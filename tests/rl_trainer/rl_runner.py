@@ -42,12 +42,14 @@ def main():
     result = {"history": trainer.train(), "rollouts": rollouts}
     trainer_probes = trainer.probe_logprobs()
     rank0 = trainer.ctx.rank == 0
+    prompts = [s.prompt_ids for s in trainer.probe_seqs]
+    responses = [s.response_ids for s in trainer.probe_seqs]
+    if trainer.engine is not None:  # every worker of an engine makes the same calls
+        engine_probes = trainer.engine.logprobs_of(prompts, responses)
     if rank0:
-        prompts = [s.prompt_ids for s in trainer.probe_seqs]
-        responses = [s.response_ids for s in trainer.probe_seqs]
         result["probes"] = {
             "prompts": prompts, "responses": responses,
-            "engine": [t.tolist() for t in trainer.engine.logprobs_of(prompts, responses)],
+            "engine": [t.tolist() for t in engine_probes],
             "trainer": [t.tolist() for t in trainer_probes],
         }
     if trainer.is_ppo and trainer.ctx.is_last_stage:

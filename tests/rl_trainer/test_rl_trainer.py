@@ -9,6 +9,11 @@ rank 0, launched under torchrun. Three trainer runs (each starts a vLLM engine) 
   policy changed without weight sync fails the refit verification;
 - resume from the step-5 checkpoint of that run: steps 6-10 reproduce it exactly (vLLM sampling
   is reseeded per step, the refit makes engine weights bit-equal to the trainer's);
+- GRPO on 4 ranks (trainer TP=2 x DP=2) with two vLLM engines of tensor parallel size 2 in the
+  trainer processes (vLLM's external_launcher, ``pear_mega.rl.engine_group``), 3 steps: each engine
+  samples half of the prompts, the batch comes back whole and in prompt order, every engine passes
+  the refit verification every step, engine == trainer == transformers on the probes after
+  training, and a policy changed without weight sync fails the verification;
 - PPO, TP=2, 3 steps with the critic (KL as a loss term, entropy bonus through the differentiable
   vocab-parallel entropy, dual clip): value loss finite and logged, the value head learns from its
   zero init, step 1's returns equal the λ-discounted terminal rewards (V ≡ 0, γ = 1); refit parity
@@ -61,6 +66,15 @@ def ppo_tp2(rl_model, tmp_path_factory):
              "algorithm.ppo.lam=0.9", "critic.optim.lr=1e-3",
              "critic.optim.decay_style=constant", "parallel.tensor_parallel=2", f"checkpoint.export_hf={tmp / 'export'}"]
     result = run_rl(tmp, 2, _base(rl_model, tmp, "ckpt", 3, extra), "--corrupt-refit-check", timeout=400)
+    return {"result": result, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def grpo_engines(rl_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grpo_engines")
+    extra = ["parallel.tensor_parallel=2", "rollout.tensor_parallel_size=2", "rollout.num_engines=2",
+             f"checkpoint.export_hf={tmp / 'export'}"]
+    result = run_rl(tmp, 4, _base(rl_model, tmp, "ckpt", 3, extra), "--corrupt-refit-check", timeout=500)
     return {"result": result, "tmp": tmp}
 
 
@@ -182,3 +196,15 @@ def test_ppo_refit_parity_tp2(ppo_tp2):
     assert "RefitVerificationError" in result["corrupt_error"]
     saved = json.loads((ppo_tp2["tmp"] / "ckpt" / "critic" / "iter_0000003" / "trainer_state.json").read_text())
     assert saved["step"] == 3
+
+
+def test_tensor_parallel_rollout_engines(grpo_engines):
+    result = grpo_engines["result"]
+    history = result["history"]
+    assert len(history) == 3
+    for h, roll in zip(history, result["rollouts"]):
+        # 8 prompts x 8 samples: engine 0 sampled prompts 0-3, engine 1 prompts 4-7
+        assert h["rollout/sequences"] == 64 and roll["groups"] == [g for g in range(8) for _ in range(8)]
+        assert h["refit/max_abs_logp_diff"] <= 1e-3 and h["train/updates"] >= 1
+    _check_probe_parity(result, grpo_engines["tmp"] / "export")
+    assert "RefitVerificationError" in result["corrupt_error"]

@@ -153,3 +153,27 @@ def test_value_head_shape_and_zero_init():
     with torch.no_grad():
         head.weight.fill_(1.0)
     assert torch.allclose(head(hidden)[0][:, 0, 0], hidden[:, 0].sum(-1))
+
+
+def test_engine_placement_layout():
+    from pear_mega.rl.engine_group import EnginePlacement
+
+    p = EnginePlacement(world_size=8, tensor_parallel_size=4, num_engines=2)
+    assert [p.engine_of(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [p.worker_of(r) for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    p = EnginePlacement(world_size=5, tensor_parallel_size=2, num_engines=2)
+    assert [p.engine_of(r) for r in range(5)] == [0, 0, 1, 1, None] and p.num_hosts == 4
+    assert EnginePlacement.from_settings(64, 8, 0).num_engines == 8
+    assert EnginePlacement.from_settings(4, 1, 1) == EnginePlacement(4, 1, 1)
+    # 7 prompts over 3 engines: contiguous chunks of ceil(7/3) = 3, the last one short
+    p = EnginePlacement(world_size=3, tensor_parallel_size=1, num_engines=3)
+    assert [list(p.chunk(7, e)) for e in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [list(p.chunk(2, e)) for e in range(3)] == [[0], [1], []]
+    with pytest.raises(ValueError, match="only 4"):
+        EnginePlacement(world_size=4, tensor_parallel_size=4, num_engines=2)
+    with pytest.raises(ValueError, match=">= 1"):
+        EnginePlacement(world_size=4, tensor_parallel_size=0, num_engines=1)
+    with pytest.raises(ValueError, match="rollout.num_engines"):
+        RECIPES.build("debug_grpo", ["rollout.num_engines=-1"])
+    with pytest.raises(ValueError, match="rollout.tensor_parallel_size"):
+        RECIPES.build("debug_grpo", ["rollout.tensor_parallel_size=0"])
