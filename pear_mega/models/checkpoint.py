@@ -406,7 +406,8 @@ def iter_hf_tensors(
     member of ``broadcast_groups``.
 
     Every rank must exhaust the iterator (it drives the collectives): TP shards are gathered
-    to TP rank 0 over the TP group of the stage that owns a tensor, and the stage's sender (its tp = dp = cp =
+    to TP rank 0 over the TP group of the stage that owns a tensor (asynchronously, one tensor
+    ahead, so the next gather overlaps the merge and the consumer's work on the current one), and the stage's sender (its tp = dp = cp =
     0 rank, ``hf_tensor_senders``) merges them into HF tensors and either sends them to ``dst``
     point to point or, with ``broadcast_groups[stage]`` (a process group containing that sender,
     same order of calls on every member), broadcasts them to the group. Only data-parallel
@@ -441,22 +442,34 @@ def iter_hf_tensors(
     if not gathers and not any(ctx.rank in m for m in members.values()):
         return
     dtype = next(iter(params.values())).dtype
+
+    def start_gather(entry, stage: int):
+        """This rank's shard of ``entry`` and, on TP rank 0, buffers for all of them; the gather is
+        asynchronous so that the next tensor travels while the current one is merged and consumed."""
+        local = params[local_name(entry.megatron, arch, stage, ctx.pp_size, gpt.pear_spec_layout)].detach()
+        if entry.kind == REPLICATED or ctx.tp_size == 1:
+            return [local], None
+        # a gather, not an all-gather: only TP rank 0 merges the shards (the others would
+        # receive tp - 1 shards of every tensor for nothing)
+        local = local.contiguous()
+        shards = [torch.empty_like(local) for _ in range(ctx.tp_size)] if ctx.tp_rank == 0 else None
+        return shards, dist.gather(local, shards, group=ctx.tp_group, group_dst=0, async_op=True)
+
     for stage in range(ctx.pp_size):
         receives = ctx.rank in members[stage]
-        for entry in stage_tensor_maps(arch, stage, ctx.pp_size):
-            if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
-                continue  # the last stage's copy of the embedding
+        owns = gathers and ctx.pp_rank == stage
+        # (tied models: the last stage's output layer is a copy of the embedding)
+        entries = [e for e in stage_tensor_maps(arch, stage, ctx.pp_size)
+                   if not (arch.tie_word_embeddings and e.megatron == "output_layer.weight")]
+        pending = start_gather(entries[0], stage) if owns and entries else None
+        for i, entry in enumerate(entries):
             results = None
-            if gathers and ctx.pp_rank == stage:
-                local = params[local_name(entry.megatron, arch, stage, ctx.pp_size, gpt.pear_spec_layout)].detach()
-                if entry.kind == REPLICATED or ctx.tp_size == 1:
-                    shards = [local]
-                else:
-                    # a gather, not an all-gather: only TP rank 0 merges the shards (the others
-                    # would receive tp - 1 shards of every tensor for nothing)
-                    local = local.contiguous()
-                    shards = [torch.empty_like(local) for _ in range(ctx.tp_size)] if ctx.tp_rank == 0 else None
-                    dist.gather(local, shards, group=ctx.tp_group, group_dst=0)
+            if owns:
+                shards, work = pending
+                if work is not None:
+                    work.wait()
+                # one gather in flight ahead, on every TP rank in the same order
+                pending = start_gather(entries[i + 1], stage) if i + 1 < len(entries) else None
                 if ctx.tp_rank == 0:
                     results = megatron_to_hf(entry.megatron, shards, arch)
             src = senders[stage]
