@@ -61,8 +61,12 @@ def worker(args) -> None:
     from pear_mega.rl.trainer import RLTrainer
 
     overrides = [f"model.hf_path={args.model}", f"model.dtype={args.dtype}", f"parallel.tensor_parallel={args.tp}",
-                 f"train.steps={args.steps}", "checkpoint.dir=", "checkpoint.export_hf=", "logging.tensorboard_dir=",
-                 "logging.progress_bar=false", f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.samples}"]
+                 f"rollout.tensor_parallel_size={args.engine_tp or 1}",
+                 f"rollout.keep_freed_memory={str(args.keep_freed_memory).lower()}",
+                 f"rollout.engine_threads={args.engine_threads}",
+                 f"train.steps={args.steps}", "checkpoint.dir=",
+                 "checkpoint.export_hf=", "logging.tensorboard_dir=", "logging.progress_bar=false",
+                 f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.samples}"]
     trainer = RLTrainer(RECIPES.build("smollm2_grpo", overrides))
     try:
         history = trainer.train()
@@ -75,7 +79,10 @@ def worker(args) -> None:
 
 def _row(tp: int, result: dict) -> list[str]:
     steps = result["history"][1:] or result["history"]
-    med = lambda key: statistics.median(h.get(key, 0.0) for h in steps)
+
+    def med(key: str) -> float:
+        return statistics.median(h.get(key, 0.0) for h in steps)
+
     refit_s = statistics.median(r["timing/weight_sync"] for r in result["refits"])
     refit_bytes = result["refits"][0]["weight_sync/bytes"]
     tokens = [h["rollout/response_len_mean"] * h["rollout/sequences"] / h["timing/generation"] for h in steps]
@@ -90,6 +97,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="HF dir; default SmolLM2-135M-Instruct (pear_mega.pretrained)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tp", default="1,3", help="comma-separated trainer tensor-parallel sizes")
+    p.add_argument("--engine-tp", type=int, default=0,
+                   help="vLLM engine tensor-parallel size (0 = 1: one engine on rank 0; = trainer TP: the engine "
+                        "spans the trainer's ranks)")
+    p.add_argument("--engine-threads", type=int, default=0,
+                   help="CPU: rollout.engine_threads (0 = the host's cores over its engine ranks)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: rollout.keep_freed_memory (glibc keeps freed memory for reuse)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="extra weight syncs after the steps")
     p.add_argument("--prompts", type=int, default=4)
@@ -112,8 +126,10 @@ def main(argv=None) -> None:
             out = Path(tmp) / f"tp{tp}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
                    __file__, "--worker", "--out", str(out), "--model", args.model, "--dtype", args.dtype,
-                   "--tp", str(tp), "--steps", str(args.steps), "--repeats", str(args.repeats),
-                   "--prompts", str(args.prompts), "--samples", str(args.samples)]
+                   "--tp", str(tp), "--engine-tp", str(args.engine_tp),
+                   "--engine-threads", str(args.engine_threads),
+                   *(["--keep-freed-memory"] if args.keep_freed_memory else []), "--steps", str(args.steps),
+                   "--repeats", str(args.repeats), "--prompts", str(args.prompts), "--samples", str(args.samples)]
             threads = max(1, (os.cpu_count() or 1) // tp)
             start = time.perf_counter()
             proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=args.timeout,
@@ -122,7 +138,10 @@ def main(argv=None) -> None:
                 raise SystemExit(f"TP={tp} run failed with exit code {proc.returncode}")
             print(f"TP={tp}: {time.perf_counter() - start:.0f} s in all", flush=True)
             rows.append(_row(tp, json.loads(out.read_text())))
-    print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples); "
+    options = (f"engine TP {args.engine_tp or 1}, engine threads {args.engine_threads or 'auto'}"
+               f"{', keep_freed_memory' if args.keep_freed_memory else ''}")
+    print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples), "
+          f"{options}; "
           f"{_machine()}; {datetime.date.today().isoformat()}; commit {_commit()}\n")
     head = ["trainer TP", "refit", "refit rate", "rollout", "step", *[f"{name} share" for name, _ in PHASES]]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

@@ -37,6 +37,7 @@ group), filled from ``model.embed_tokens.weight``; with ``pp == 1`` there is no 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -320,11 +321,16 @@ def hf_to_megatron_shard(
 # ----------------------------------------------------------------------------- megatron -> HF
 
 
+@functools.lru_cache(maxsize=16)
+def _entries_by_name(arch: ModelArch) -> dict[str, TensorMap]:
+    return {entry.megatron: entry for entry in all_tensor_maps(arch)}
+
+
 def entry_for(canonical: str, arch: ModelArch) -> TensorMap:
     """The table entry (with layer indices filled) of a canonical global megatron name."""
-    for entry in all_tensor_maps(arch):
-        if entry.megatron == canonical:
-            return entry
+    entry = _entries_by_name(arch).get(canonical)
+    if entry is not None:
+        return entry
     if canonical == OUTPUT.megatron:
         return TIED_OUTPUT if arch.tie_word_embeddings else OUTPUT
     raise KeyError(f"{canonical!r} is not a parameter of a {arch.family} model")

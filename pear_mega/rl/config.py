@@ -123,6 +123,13 @@ class RolloutSettings:
     enforce_eager: bool = True
     num_threads: int = 0
     """CPU: torch threads of the trainer process after the engine starts; 0 = unchanged."""
+    keep_freed_memory: bool = False
+    """CPU (glibc): engine ranks keep freed memory for reuse, so refits stop page-faulting fresh
+    buffers (``pear_mega.rl.rollout.keep_freed_memory``; process-wide and one-way, so opt-in)."""
+    engine_threads: int = 0
+    """CPU: torch threads of an engine rank during engine work (generation, refit, verification),
+    while the host's other trainer ranks wait for it; 0 = the host's cores shared by the host's
+    engine ranks (never fewer than the trainer's threads)."""
     tensor_parallel_size: int = 1
     """R: vLLM tensor-parallel workers per engine, each a trainer process (vLLM's external_launcher
     executor; ``pear_mega.rl.engine_group``). Needed once the model does not fit one device."""
@@ -151,8 +158,8 @@ class RolloutSettings:
             raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_threads < 0 or self.engine_seed < 0:
-            raise ValueError("rollout.num_threads and rollout.engine_seed must be >= 0")
+        if self.num_threads < 0 or self.engine_threads < 0 or self.engine_seed < 0:
+            raise ValueError("rollout.num_threads, rollout.engine_threads and rollout.engine_seed must be >= 0")
 
 
 @dataclass(frozen=True)

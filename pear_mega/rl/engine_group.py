@@ -32,8 +32,10 @@ pass through every engine rank one bucket at a time, never the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -95,6 +97,30 @@ def _host_address() -> str:
         return socket.gethostname()
 
 
+def engine_threads_for(engine_ranks_on_host: int) -> int:
+    """CPU threads for an engine rank while the host's other trainer ranks wait for the engine:
+    the cores this process may run on, shared by the host's engine ranks, and never fewer than the
+    trainer's own threads. (Ranks waiting in a gloo collective sleep, so their cores are free: at
+    trainer TP=3 on 2 cores the SmolLM2-135M refit took 1.35-1.50 s with 1 thread on rank 0 and
+    1.11-1.19 s with 2, alternating runs; docs/benchmarks.md.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(torch.get_num_threads(), cores // max(1, engine_ranks_on_host))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """Run the block with ``threads`` torch threads (None: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -111,9 +137,12 @@ class EngineGroup:
         ctx: the trainer's ``ParallelContext``.
         placement: the layout; ``placement.world_size`` must equal the trainer's.
         timeout_s: timeout of the groups created here.
+        engine_threads: CPU: torch threads of a hosting rank inside ``on_hosts`` (engine work,
+            while the host's other ranks wait); 0 = ``engine_threads_for`` (the host's cores over
+            its engine ranks).
     """
 
-    def __init__(self, ctx, placement: EnginePlacement, timeout_s: float = 1800.0) -> None:
+    def __init__(self, ctx, placement: EnginePlacement, timeout_s: float = 1800.0, engine_threads: int = 0) -> None:
         from pear_mega.models import hf_tensor_senders
 
         if placement.world_size != ctx.world_size:
@@ -146,6 +175,11 @@ class EngineGroup:
                 # MASTER_ADDR:MASTER_PORT instead of creating the engine's own there
                 "TORCHELASTIC_USE_AGENT_STORE": "False",
             }
+        self.engine_threads = None
+        if self.engine_index is not None and not torch.cuda.is_available():
+            here = offers[ctx.rank][0]
+            on_host = sum(1 for r in range(placement.num_hosts) if offers[r][0] == here)
+            self.engine_threads = engine_threads or engine_threads_for(on_host)
         hosts = list(range(placement.num_hosts))
         # new_group is collective over the default group: every rank creates every group.
         self.gather_group = dist.new_group(hosts, backend="gloo", timeout=timeout) if placement.num_engines > 1 else None
@@ -169,7 +203,8 @@ class EngineGroup:
         result, error, message = None, None, None
         if self.hosts_engine:
             try:
-                result = fn()
+                with _torch_threads(self.engine_threads):
+                    result = fn()
             except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks are told)
                 error, message = exc, f"{type(exc).__name__}: {exc}"
         messages: list[Any] = [None] * self.ctx.world_size

@@ -182,7 +182,8 @@ class RLTrainer:
         self.source = None
         ro = cfg.rollout
         self.rollout = EngineGroup(self.ctx, EnginePlacement.from_settings(
-            self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s)
+            self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s,
+            engine_threads=ro.engine_threads)
         probes = self.rollout.on_hosts(self._start_engine)
         self.probe_seqs = [RolloutSequence(-1, p, r, [0.0] * len(r), 0.0, 0.0) for p, r in zip(*probes)]
         self.snapshot = None
@@ -239,6 +240,7 @@ class RLTrainer:
             gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_bytes=int(ro.kv_cache_gib * (1 << 30)),
             seed=ro.engine_seed, max_num_seqs=ro.max_num_seqs, enforce_eager=ro.enforce_eager,
             num_threads=ro.num_threads or None, tensor_parallel_size=ro.tensor_parallel_size,
+            keep_freed_memory=ro.keep_freed_memory,
         )
         self.rollout.start(lambda launch_env: RolloutEngine(config, launch_env=launch_env))
         self.source = PromptSource(cfg.task, self.engine.tokenizer, self.arch.vocab_size)
@@ -533,7 +535,10 @@ class RLTrainer:
         entropy = None  # monitoring uses the recompute pass's entropy (rollout/entropy)
         if policy.entropy_coef > 0:
             entropy = vocab_parallel_entropy((logits[0].float() / temperature)[:, :n_valid], self.tp_group)
-        get = lambda key: pack[key].to(device) if key in pack else None
+
+        def get(key: str):
+            return pack[key].to(device) if key in pack else None
+
         loss, m = policy_loss(policy, logp, get("logp_old"), get("advantages"), mask, normalizer=1.0,
                               logp_rollout=get("logp_rollout"), logp_ref=get("logp_ref"), entropy=entropy)
         n = mask.sum()

@@ -111,7 +111,10 @@ def _refit_and_compare(ctx, model, trainer_logps, model_dir: str, engine, probes
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         hf.load_state_dict(refitted, strict=True)
         reference = [hf_sequence_logprobs(hf, p, r) for p, r in zip(prompts, responses)]
-        gap = lambda xs, ys: max(float((x - y).abs().max()) for x, y in zip(xs, ys))
+
+        def gap(xs, ys) -> float:
+            return max(float((x - y).abs().max()) for x, y in zip(xs, ys))
+
         result = {"engine_vs_trainer": gap(after, trainer_logps), "engine_vs_hf": gap(after, reference),
                   "trainer_vs_hf": gap(trainer_logps, reference), "refit_moved": gap(after, before),
                   "tensors": stats.num_tensors, "bytes": stats.bytes}

@@ -44,6 +44,7 @@ def test_recipes_build_and_overrides():
     ("train.seq_length=8", "train.seq_length"),
     ("rollout.max_model_len=8", "rollout.max_model_len"),
     ("refit.tol=0", "refit.tol"),
+    ("rollout.engine_threads=-1", "rollout.engine_threads"),
     ("task.source=jsonl", "task.prompts_file"),
 ])
 def test_invalid_overrides_name_the_field(override, field):
@@ -177,3 +178,28 @@ def test_engine_placement_layout():
         RECIPES.build("debug_grpo", ["rollout.num_engines=-1"])
     with pytest.raises(ValueError, match="rollout.tensor_parallel_size"):
         RECIPES.build("debug_grpo", ["rollout.tensor_parallel_size=0"])
+
+
+def test_engine_threads_take_the_waiting_ranks_cores(monkeypatch):
+    import os
+
+    from pear_mega.rl.engine_group import _torch_threads, engine_threads_for
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # 16 cores: one engine rank on the host takes all of them, four share them
+        assert engine_threads_for(1) == 16 and engine_threads_for(4) == 4
+        # never fewer than the trainer's own threads (17 engine ranks on 16 cores: 1)
+        assert engine_threads_for(17) == 1
+        with _torch_threads(3):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError), _torch_threads(2):
+            raise RuntimeError("engine call failed")
+        assert torch.get_num_threads() == 1  # restored on errors too
+        with _torch_threads(None):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -3,7 +3,7 @@
 import pytest
 
 from pear_mega.config_tools import apply_overrides
-from pear_mega.plan import GIB, Layout, Shape, main, plan_memory
+from pear_mega.plan import Layout, Shape, main, plan_memory
 from pear_mega.sft.recipes import RECIPES
 
 
