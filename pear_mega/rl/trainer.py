@@ -185,6 +185,8 @@ class RLTrainer:
             self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s,
             engine_threads=ro.engine_threads)
         probes = self.rollout.on_hosts(self._start_engine)
+        if ro.num_threads and self.rollout.hosts_engine:
+            torch.set_num_threads(ro.num_threads)  # on_hosts put back the threads it found
         self.probe_seqs = [RolloutSequence(-1, p, r, [0.0] * len(r), 0.0, 0.0) for p, r in zip(*probes)]
         self.snapshot = None
         if cfg.logging.update_sparsity:

@@ -39,7 +39,19 @@ def main():
         return seqs, metrics
 
     trainer.generate = recording_generate
-    result = {"history": trainer.train(), "rollouts": rollouts}
+    # torch threads: after start-up, inside the engine's generate (on the engine rank), after training
+    threads = {"after_start": torch.get_num_threads(), "engine_threads": trainer.rollout.engine_threads,
+               "in_generate": []}
+    if trainer.engine is not None:
+        engine_generate = trainer.engine.generate
+
+        def counting_generate(*a, **k):
+            threads["in_generate"].append(torch.get_num_threads())
+            return engine_generate(*a, **k)
+
+        trainer.engine.generate = counting_generate
+    result = {"history": trainer.train(), "rollouts": rollouts, "threads": threads}
+    threads["after_train"] = torch.get_num_threads()
     trainer_probes = trainer.probe_logprobs()
     rank0 = trainer.ctx.rank == 0
     prompts = [s.prompt_ids for s in trainer.probe_seqs]

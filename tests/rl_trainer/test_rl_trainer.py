@@ -64,7 +64,8 @@ def ppo_tp2(rl_model, tmp_path_factory):
     extra = ["algorithm.name=ppo", "algorithm.minibatches=2", "algorithm.ppo.kl_coef=0.05",
              "algorithm.ppo.kl_mode=loss", "algorithm.ppo.entropy_coef=0.01", "algorithm.ppo.dual_clip=3",
              "algorithm.ppo.lam=0.9", "critic.optim.lr=1e-3",
-             "critic.optim.decay_style=constant", "parallel.tensor_parallel=2", f"checkpoint.export_hf={tmp / 'export'}"]
+             "critic.optim.decay_style=constant", "parallel.tensor_parallel=2", f"checkpoint.export_hf={tmp / 'export'}",
+             "rollout.num_threads=1"]
     result = run_rl(tmp, 2, _base(rl_model, tmp, "ckpt", 3, extra), "--corrupt-refit-check", timeout=400)
     return {"result": result, "tmp": tmp}
 
@@ -187,6 +188,18 @@ def test_ppo_critic_tp2(ppo_tp2):
     print(f"PPO step 1 return mean {history[0]['train/return_mean']:.6f} vs {expected:.6f}; "
           f"value loss per step {[round(h['train/value_loss'], 4) for h in history]}")
     assert history[0]["train/return_mean"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_engine_rank_threads_tp2(ppo_tp2):
+    """Rank 0 hosts the engine, rank 1 waits: engine work runs on both ranks' cores, training on
+    the trainer's threads (rollout.num_threads=1, the launcher's OMP_NUM_THREADS=1)."""
+    import os
+
+    threads = ppo_tp2["result"]["threads"]
+    cores = len(os.sched_getaffinity(0))
+    assert threads["engine_threads"] == max(1, cores)
+    assert len(threads["in_generate"]) >= 3 and set(threads["in_generate"]) == {max(1, cores)}  # >= 1 per step
+    assert threads["after_start"] == 1 and threads["after_train"] == 1
 
 
 def test_ppo_refit_parity_tp2(ppo_tp2):
