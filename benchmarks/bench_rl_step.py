@@ -61,7 +61,7 @@ def worker(args) -> None:
     from pear_mega.rl.trainer import RLTrainer
 
     overrides = [f"model.hf_path={args.model}", f"model.dtype={args.dtype}", f"parallel.tensor_parallel={args.tp}",
-                 f"rollout.tensor_parallel_size={args.engine_tp or 1}",
+                 f"rollout.tensor_parallel_size={args.engine_tp}",
                  f"rollout.keep_freed_memory={str(args.keep_freed_memory).lower()}",
                  f"rollout.engine_threads={args.engine_threads}",
                  f"train.steps={args.steps}", "checkpoint.dir=",
@@ -97,9 +97,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="HF dir; default SmolLM2-135M-Instruct (pear_mega.pretrained)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tp", default="1,3", help="comma-separated trainer tensor-parallel sizes")
-    p.add_argument("--engine-tp", type=int, default=0,
-                   help="vLLM engine tensor-parallel size (0 = 1: one engine on rank 0; = trainer TP: the engine "
-                        "spans the trainer's ranks)")
+    p.add_argument("--engine-tp", type=int, default=1,
+                   help="vLLM engine tensor-parallel size (1: one engine on rank 0; = trainer TP: the engine spans "
+                        "the trainer's ranks)")
     p.add_argument("--engine-threads", type=int, default=0,
                    help="CPU: rollout.engine_threads (0 = the host's cores over its engine ranks)")
     p.add_argument("--keep-freed-memory", action="store_true",
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
                 raise SystemExit(f"TP={tp} run failed with exit code {proc.returncode}")
             print(f"TP={tp}: {time.perf_counter() - start:.0f} s in all", flush=True)
             rows.append(_row(tp, json.loads(out.read_text())))
-    options = (f"engine TP {args.engine_tp or 1}, engine threads {args.engine_threads or 'auto'}"
+    options = (f"engine TP {args.engine_tp}, engine threads {args.engine_threads or 'auto'}"
                f"{', keep_freed_memory' if args.keep_freed_memory else ''}")
     print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples), "
           f"{options}; "

@@ -186,7 +186,8 @@ class RLTrainer:
             engine_threads=ro.engine_threads)
         probes = self.rollout.on_hosts(self._start_engine)
         if ro.num_threads and self.rollout.hosts_engine:
-            torch.set_num_threads(ro.num_threads)  # on_hosts put back the threads it found
+            # the one place it is applied: on_hosts puts back the threads it found, after the engine's start
+            torch.set_num_threads(ro.num_threads)
         self.probe_seqs = [RolloutSequence(-1, p, r, [0.0] * len(r), 0.0, 0.0) for p, r in zip(*probes)]
         self.snapshot = None
         if cfg.logging.update_sparsity:
@@ -241,7 +242,7 @@ class RLTrainer:
             model=cfg.model.hf_path, dtype=ro.dtype or cfg.model.dtype, max_model_len=ro.max_model_len,
             gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_bytes=int(ro.kv_cache_gib * (1 << 30)),
             seed=ro.engine_seed, max_num_seqs=ro.max_num_seqs, enforce_eager=ro.enforce_eager,
-            num_threads=ro.num_threads or None, tensor_parallel_size=ro.tensor_parallel_size,
+            tensor_parallel_size=ro.tensor_parallel_size,
             keep_freed_memory=ro.keep_freed_memory,
         )
         self.rollout.start(lambda launch_env: RolloutEngine(config, launch_env=launch_env))
