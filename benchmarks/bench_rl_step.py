@@ -63,7 +63,7 @@ def worker(args) -> None:
     overrides = [f"model.hf_path={args.model}", f"model.dtype={args.dtype}", f"parallel.tensor_parallel={args.tp}",
                  f"rollout.tensor_parallel_size={args.engine_tp}",
                  f"rollout.keep_freed_memory={str(args.keep_freed_memory).lower()}",
-                 f"rollout.engine_threads={args.engine_threads}",
+                 f"rollout.engine_threads={args.engine_threads}", f"refit.transport={args.transport}",
                  f"train.steps={args.steps}", "checkpoint.dir=",
                  "checkpoint.export_hf=", "logging.tensorboard_dir=", "logging.progress_bar=false",
                  f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.samples}"]
@@ -104,6 +104,8 @@ def main(argv=None) -> None:
                    help="CPU: rollout.engine_threads (0 = the host's cores over its engine ranks)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: rollout.keep_freed_memory (glibc keeps freed memory for reuse)")
+    p.add_argument("--transport", default="auto", choices=("auto", "shared_memory", "collective"),
+                   help="refit.transport: how the full tensors reach the engine (auto: shared memory where it helps)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="extra weight syncs after the steps")
     p.add_argument("--prompts", type=int, default=4)
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
                    __file__, "--worker", "--out", str(out), "--model", args.model, "--dtype", args.dtype,
                    "--tp", str(tp), "--engine-tp", str(args.engine_tp),
-                   "--engine-threads", str(args.engine_threads),
+                   "--engine-threads", str(args.engine_threads), "--transport", args.transport,
                    *(["--keep-freed-memory"] if args.keep_freed_memory else []), "--steps", str(args.steps),
                    "--repeats", str(args.repeats), "--prompts", str(args.prompts), "--samples", str(args.samples)]
             threads = max(1, (os.cpu_count() or 1) // tp)
@@ -138,7 +140,8 @@ def main(argv=None) -> None:
                 raise SystemExit(f"TP={tp} run failed with exit code {proc.returncode}")
             print(f"TP={tp}: {time.perf_counter() - start:.0f} s in all", flush=True)
             rows.append(_row(tp, json.loads(out.read_text())))
-    options = (f"engine TP {args.engine_tp}, engine threads {args.engine_threads or 'auto'}"
+    options = (f"engine TP {args.engine_tp}, engine threads {args.engine_threads or 'auto'}, "
+               f"refit transport {args.transport}"
                f"{', keep_freed_memory' if args.keep_freed_memory else ''}")
     print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples), "
           f"{options}; "

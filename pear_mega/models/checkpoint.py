@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,8 +43,12 @@ from pear_mega.models.mapping import (
     iter_megatron_shard,
     local_name,
     megatron_to_hf,
+    place_shard,
     stage_tensor_maps,
 )
+
+if TYPE_CHECKING:
+    from pear_mega.models.staging import HostStaging
 
 META_FILE = "pear_mega.json"
 HF_SUBDIR = "hf"
@@ -401,6 +405,7 @@ def hf_tensor_senders(ctx) -> dict[int, int]:
 
 def iter_hf_tensors(
     model, arch: ModelArch, ctx, dst: int = 0, *, broadcast_groups: dict[int, Any] | None = None,
+    staging: HostStaging | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield full HF-named tensors of a TP/PP-sharded model on global rank ``dst``, or on every
     member of ``broadcast_groups``.
@@ -420,11 +425,19 @@ def iter_hf_tensors(
             ``broadcast_groups``.
         broadcast_groups: pipeline stage -> process group of the sender and the receivers (the
             ranks of a tensor-parallel rollout engine, say); None: point to point to ``dst``.
+        staging: CPU, one host: no gather at all. Every rank with dp = cp = 0 writes its shards
+            into place in ``staging``'s shared full tensors and its readers yield views of them,
+            valid until the next call (``pear_mega.models.staging``); ``dst`` and
+            ``broadcast_groups`` are ignored. Every rank of ``staging.ranks`` must exhaust the
+            iterator; the other ranks may skip the call.
     """
     import torch.distributed as dist
 
     gpt = unwrap_model(model)
     params = {name: p for name, p in gpt.named_parameters()}
+    if staging is not None:
+        yield from _iter_staged(gpt, params, arch, ctx, staging)
+        return
     senders = hf_tensor_senders(ctx)
     if broadcast_groups is None:
         if dst not in senders.values():  # the ranks with tp = dp = cp = 0
@@ -494,6 +507,25 @@ def iter_hf_tensors(
                 yield name, tensor
                 if arch.tie_word_embeddings and name == "model.embed_tokens.weight":
                     yield "lm_head.weight", tensor
+
+
+def _iter_staged(gpt, params: dict[str, torch.Tensor], arch: ModelArch, ctx, staging: HostStaging
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``iter_hf_tensors`` through host shared memory (its ``staging`` argument)."""
+    if ctx.rank not in staging.ranks:
+        return
+    staging.barrier()  # the readers are done with the previous contents
+    if ctx.dp_rank == 0 and ctx.cp_rank == 0:
+        with torch.no_grad():
+            for entry in stage_tensor_maps(arch, ctx.pp_rank, ctx.pp_size):
+                if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
+                    continue
+                local = params[local_name(entry.megatron, arch, ctx.pp_rank, ctx.pp_size, gpt.pear_spec_layout)]
+                for name, index, source in place_shard(entry.megatron, local.detach(), ctx.tp_rank, ctx.tp_size, arch):
+                    staging.tensor(name)[index].copy_(source)
+    staging.barrier()  # every shard is in place
+    if ctx.rank in staging.readers:
+        yield from staging.read()
 
 
 def model_param_names(model, arch: ModelArch, ctx) -> list[str]:

@@ -225,8 +225,13 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch
     return fused.reshape(ng * (hpg + 2) * hd, *tail)
 
 
-def _split_qkv(fused: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ng, hd, hpg = arch.num_kv_heads, arch.head_dim, arch.heads_per_group
+def _split_qkv(fused: torch.Tensor, arch: ModelArch, num_groups: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's fused rows ``[groups × (q_per_group + 2) × head_dim, ...]`` (each group: its
+    query heads, then its key head, then its value head) -> q, k, v rows in HF order.
+    ``num_groups``: groups in ``fused`` (default all; a TP shard holds ``num_kv_heads / tp``)."""
+    ng = arch.num_kv_heads if num_groups is None else num_groups
+    hd, hpg = arch.head_dim, arch.heads_per_group
     tail = fused.shape[1:]
     grouped = fused.reshape(ng, (hpg + 2) * hd, *tail)
     q, k, v = torch.split(grouped, [hpg * hd, hd, hd], dim=1)
@@ -368,3 +373,43 @@ def megatron_to_hf(canonical: str, tp_shards: list[torch.Tensor], arch: ModelArc
     else:
         raise ValueError(f"unknown tensor kind {entry.kind!r}")
     return [(name, t.contiguous()) for name, t in zip(entry.hf, tensors)]
+
+
+def place_shard(canonical: str, shard: torch.Tensor, tp_rank: int, tp_size: int, arch: ModelArch
+                ) -> list[tuple[str, tuple[slice, ...], torch.Tensor]]:
+    """Where one TP rank's shard of a megatron parameter lies in the full HF tensors: the inverse
+    of ``megatron_to_hf`` for a single shard, so that each rank can write its own part of a full
+    tensor (``pear_mega.models.staging``) instead of sending it to a rank that merges.
+
+    Returns ``[(hf_name, index, source)]``: ``full[hf_name][index] = source`` for each, over all
+    ranks, rebuilds exactly what ``megatron_to_hf`` returns. ``source`` is a view of ``shard``.
+    Per kind, with ``r = tp_rank``, ``n`` = the shard's rows and ``k`` its columns:
+
+        replicated  rank 0 writes the whole tensor (the others: nothing)
+        vocab       rows [r·n, (r+1)·n) ∩ [0, vocab_size)   (the padding rows are dropped)
+        row         columns [r·k, (r+1)·k)
+        qkv         the shard's kv groups [r·g, (r+1)·g), g = num_kv_heads / tp, split into their
+                    q rows [r·g·q_per_group·d, ...) and k / v rows [r·g·d, (r+1)·g·d)
+        gate_up     gate and up halves, rows [r·n/2, (r+1)·n/2) of each
+    """
+    entry = entry_for(canonical, arch)
+    r = tp_rank
+    if entry.kind == REPLICATED:
+        return [(entry.hf[0], (), shard)] if r == 0 else []
+    if entry.kind == VOCAB:
+        n = shard.shape[0]
+        lo, hi = r * n, min((r + 1) * n, arch.vocab_size)
+        return [(entry.hf[0], (slice(lo, hi),), shard[: hi - lo])] if hi > lo else []
+    if entry.kind == ROW:
+        k = shard.shape[1]
+        return [(entry.hf[0], (slice(None), slice(r * k, (r + 1) * k)), shard)]
+    if entry.kind == QKV:
+        if arch.num_kv_heads % tp_size:
+            raise ValueError(f"place_shard: {arch.num_kv_heads} kv heads do not split over tp={tp_size}")
+        groups = arch.num_kv_heads // tp_size
+        parts = _split_qkv(shard, arch, groups)
+        return [(name, (slice(r * p.shape[0], (r + 1) * p.shape[0]),), p) for name, p in zip(entry.hf, parts)]
+    if entry.kind == GATE_UP:
+        halves = shard.chunk(2, dim=0)
+        return [(name, (slice(r * h.shape[0], (r + 1) * h.shape[0]),), h) for name, h in zip(entry.hf, halves)]
+    raise ValueError(f"unknown tensor kind {entry.kind!r}")

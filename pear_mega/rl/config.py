@@ -238,8 +238,16 @@ class RefitConfig:
     """Max |Δ log-prob| (nats) allowed; beyond it the run stops. fp32: 1e-3; bf16 needs ~0.5."""
     num_probes: int = 2
     """Probe sequences: the first N task prompts with their gold answer as the response."""
+    transport: str = "auto"
+    """How the full tensors reach the engine ranks. 'shared_memory' (CPU, all ranks involved on one
+    host): every rank writes its shards into place in full tensors mapped from /dev/shm, the
+    engine reads them there, no gather (``pear_mega.models.staging``; the model once in /dev/shm).
+    'collective': gathered over the process groups and merged on the stage's first rank.
+    'auto': shared_memory where it can be used, else collective."""
 
     def __post_init__(self):
+        if self.transport not in ("auto", "shared_memory", "collective"):
+            raise ValueError(f"refit.transport must be auto, shared_memory or collective, got {self.transport!r}")
         if self.bucket_mb < 1:
             raise ValueError(f"refit.bucket_mb must be >= 1, got {self.bucket_mb}")
         if self.verify_interval < 0:

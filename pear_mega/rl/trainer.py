@@ -184,6 +184,7 @@ class RLTrainer:
         self.rollout = EngineGroup(self.ctx, EnginePlacement.from_settings(
             self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s,
             engine_threads=ro.engine_threads)
+        self.staging = self._refit_staging()
         probes = self.rollout.on_hosts(self._start_engine)
         if ro.num_threads and self.rollout.hosts_engine:
             # the one place it is applied: on_hosts puts back the threads it found, after the engine's start
@@ -226,6 +227,29 @@ class RLTrainer:
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval()
+
+    def _refit_staging(self):
+        """Host shared-memory staging for the weight sync (``refit.transport``), or None."""
+        from pear_mega.models import unwrap_model
+        from pear_mega.models.staging import HostStaging
+
+        transport = self.cfg.refit.transport
+        if transport == "collective":
+            return None
+        readers = list(range(self.rollout.placement.num_hosts))
+        if transport == "auto" and len(HostStaging.participants(self.ctx, readers)) == 1:
+            return None  # one rank writes and reads: the collective path moves nothing (views of the parameters)
+        dtype = next(unwrap_model(self.policy[0]).parameters()).dtype
+        reason = HostStaging.unavailable(self.arch, dtype, self.ctx, readers)
+        if reason is not None:
+            if transport == "shared_memory":
+                raise ValueError(f"refit.transport=shared_memory cannot be used: {reason}")
+            if not torch.cuda.is_available():
+                self._print(f"weight sync: gathered over the process groups ({reason})")
+            return None
+        staging = HostStaging.create(self.arch, dtype, self.ctx, readers)
+        self._print(f"weight sync: through host shared memory ({staging.nbytes / 2**20:.0f} MiB in /dev/shm)")
+        return staging
 
     @property
     def engine(self):
@@ -570,7 +594,8 @@ class RLTrainer:
         from pear_mega.models import iter_hf_tensors
 
         start = time.perf_counter()
-        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, broadcast_groups=self.rollout.broadcast_groups)
+        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, broadcast_groups=self.rollout.broadcast_groups,
+                                  staging=self.staging)
 
         def work():
             try:
@@ -716,4 +741,6 @@ class RLTrainer:
         from pear_mega.parallel import destroy_parallel
 
         self.rollout.close()
+        if self.staging is not None:
+            self.staging.close()
         destroy_parallel()
