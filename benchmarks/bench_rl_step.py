@@ -72,9 +72,22 @@ def worker(args) -> None:
         history = trainer.train()
         refits = [trainer.sync_weights() for _ in range(args.repeats)]
         if trainer.ctx.rank == 0:
-            Path(args.out).write_text(json.dumps({"history": history, "refits": refits}))
+            Path(args.out).write_text(json.dumps({"history": history, "refits": refits, "rss": _rss()}))
     finally:
         trainer.close()
+
+
+def _rss() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in GiB (Linux)."""
+    import resource
+
+    now = 0.0
+    try:
+        with open("/proc/self/statm") as fh:
+            now = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        pass
+    return {"now": now, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def _row(tp: int, result: dict) -> list[str]:
@@ -88,8 +101,10 @@ def _row(tp: int, result: dict) -> list[str]:
     tokens = [h["rollout/response_len_mean"] * h["rollout/sequences"] / h["timing/generation"] for h in steps]
     step_s = med("timing/step")
     shares = [f"{100 * med(key) / step_s:.0f}%" for _, key in PHASES]
+    rss = result.get("rss", {"now": 0.0, "peak": 0.0})
     return [str(tp), f"{refit_s:.2f} s", f"{refit_bytes / refit_s / 2**20:.0f} MiB/s ({refit_bytes / 2**20:.0f} MiB)",
-            f"{statistics.median(tokens):.0f} tok/s", f"{step_s:.1f} s", *shares]
+            f"{statistics.median(tokens):.0f} tok/s", f"{step_s:.1f} s", *shares,
+            f"{rss['now']:.2f} / {rss['peak']:.2f} GiB"]
 
 
 def main(argv=None) -> None:
@@ -146,7 +161,8 @@ def main(argv=None) -> None:
     print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples), "
           f"{options}; "
           f"{_machine()}; {datetime.date.today().isoformat()}; commit {_commit()}\n")
-    head = ["trainer TP", "refit", "refit rate", "rollout", "step", *[f"{name} share" for name, _ in PHASES]]
+    head = ["trainer TP", "refit", "refit rate", "rollout", "step", *[f"{name} share" for name, _ in PHASES],
+            "rank-0 RSS end / peak"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -71,21 +71,48 @@ def _probe_logits(model, ctx, ref):
     return None if packed is None else {"packed": packed, "single": single}
 
 
-def _roundtrip(model, arch, ctx, hf_dir) -> dict | None:
-    """``iter_hf_tensors`` vs the HF safetensors, bit-exact, on rank 0."""
-    reader = SafetensorsReader(hf_dir) if ctx.rank == 0 else None
+def _roundtrip(model, arch, ctx, hf_dir, staging=None) -> dict | None:
+    """``iter_hf_tensors`` vs the HF safetensors, bit-exact, on rank 0 (with ``staging``: on
+    each of its readers)."""
+    readers = [0] if staging is None else staging.readers
+    reader = SafetensorsReader(hf_dir) if ctx.rank in readers else None
     seen, mismatched = [], []
-    for name, tensor in iter_hf_tensors(model, arch, ctx, dst=0):
+    for name, tensor in iter_hf_tensors(model, arch, ctx, dst=0, staging=staging):
         seen.append(name)
         source = "model.embed_tokens.weight" if name == "lm_head.weight" and arch.tie_word_embeddings else name
         if not torch.equal(tensor.cpu(), reader.get(source)):
             mismatched.append(name)
-    if ctx.rank != 0:
-        assert not seen, "iter_hf_tensors yielded on a rank other than dst"
+    if ctx.rank not in readers:
+        assert not seen, f"iter_hf_tensors yielded on rank {ctx.rank}, not a reader {readers}"
         return None
     expected = set(reader.names()) | {"lm_head.weight"}
     return {"mismatched": mismatched, "missing": sorted(expected - set(seen)), "extra": sorted(set(seen) - expected),
             "count": len(seen)}  # fmt: skip
+
+
+def _staged_roundtrips(model, arch, ctx, hf_dir) -> list[dict]:
+    """The same round trip through host shared memory (``HostStaging``): every rank writes its
+    shards in place, readers rank 0 and the last rank check them; three syncs into the same
+    mapping, the weights perturbed in between on the writers and restored before the last, so
+    that a sync reading stale or half-written tensors fails."""
+    from pear_mega.models.staging import HostStaging
+
+    readers = sorted({0, ctx.world_size - 1})
+    assert HostStaging.unavailable(arch, torch.float32, ctx, readers) is None
+    staging = HostStaging.create(arch, torch.float32, ctx, readers)
+    out = []
+    try:
+        saved = [p.detach().clone() for p in model.parameters()]
+        for perturbed in (False, True, False):
+            with torch.no_grad():
+                for p, s in zip(model.parameters(), saved):
+                    p.copy_(s + 1.0 if perturbed else s)
+            rt = _roundtrip(model, arch, ctx, hf_dir, staging)
+            if rt is not None:
+                out.append({"rank": ctx.rank, "perturbed": perturbed, **rt})
+    finally:
+        staging.close()
+    return out
 
 
 def _step_parity(step: dict) -> list[dict]:
@@ -107,6 +134,9 @@ def _step_parity(step: dict) -> list[dict]:
             rt = _roundtrip(model, arch, ctx, hf_dir)
             if rt is not None:
                 row["roundtrip"] = rt
+            staged = _staged_roundtrips(model, arch, ctx, hf_dir) if ctx.world_size > 1 else []
+            if staged:
+                row["staged"] = staged
         save = step.get("save", {}).get(hf_dir)
         if save:
             save_checkpoint(model, save, arch, ctx, hf_files_from=hf_dir)

@@ -25,6 +25,7 @@ from pear_mega.models.mapping import (
     canonical_name,
     hf_tensor_names,
     hf_tensor_shape,
+    place_shard,
     stage_tensor_maps,
 )
 from pear_mega.parallel import ParallelConfig
@@ -119,6 +120,47 @@ def test_qkv_gate_up_and_vocab_layouts_by_hand():
     assert rank1["decoder.layers.0.self_attention.linear_qkv.weight"].flatten().tolist() == [2, 3, 11, 21]
     assert rank1["decoder.layers.0.mlp.linear_fc1.weight"].flatten().tolist() == [2, 3, 12, 13]
     assert rank1["embedding.word_embeddings.weight"].flatten().tolist() == [7, 0]
+
+
+def test_place_shard_by_hand():
+    """Rank 1 of 2 on the hand-written layout above: where its shard lands in the HF tensors."""
+    arch = ModelArch.from_hf(_llama_config())
+    qkv = torch.tensor([[2.0], [3.0], [11.0], [21.0]])  # group 1: q heads 2 and 3, k1, v1
+    placed = place_shard("decoder.layers.0.self_attention.linear_qkv.weight", qkv, 1, 2, arch)
+    assert [(n.split(".")[-2], idx, t.flatten().tolist()) for n, idx, t in placed] == [
+        ("q_proj", (slice(2, 4),), [2.0, 3.0]), ("k_proj", (slice(1, 2),), [11.0]), ("v_proj", (slice(1, 2),), [21.0])]
+    fc1 = torch.tensor([[2.0], [3.0], [12.0], [13.0]])  # gate rows 2-3, up rows 2-3
+    placed = place_shard("decoder.layers.0.mlp.linear_fc1.weight", fc1, 1, 2, arch)
+    assert [(n.split(".")[-2], idx, t.flatten().tolist()) for n, idx, t in placed] == [
+        ("gate_proj", (slice(2, 4),), [2.0, 3.0]), ("up_proj", (slice(2, 4),), [12.0, 13.0])]
+    # vocab 3 padded to 4: rank 1 holds rows 2 and 3 (padding); only row 2 is placed
+    (name, idx, t), = place_shard("embedding.word_embeddings.weight", torch.tensor([[7.0], [0.0]]), 1, 2, arch)
+    assert (name, idx, t.flatten().tolist()) == ("model.embed_tokens.weight", (slice(2, 3),), [7.0])
+    (name, idx, t), = place_shard("decoder.layers.0.self_attention.linear_proj.weight", torch.ones(1, 2), 1, 2, arch)
+    assert idx == (slice(None), slice(2, 4))
+    assert place_shard("decoder.final_layernorm.weight", torch.ones(1), 1, 2, arch) == []  # rank 0 writes it
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_placed_shards_rebuild_every_hf_tensor(tiny_models, family):
+    """Each rank's shards written in place (``place_shard``) rebuild the HF tensors bit-exactly and
+    cover every element: the full tensors start as NaN, and every (tp, pp) split must fill them."""
+    arch = ModelArch.from_hf(tiny_models[family])
+    reader = SafetensorsReader(tiny_models[family])
+    for tp in (1, 2):
+        for pp in (1, 2):
+            full = {n: torch.full(hf_tensor_shape(arch, n), float("nan")) for n in reader.names()}
+            for pp_rank in range(pp):
+                for tp_rank in range(tp):
+                    shard = hf_to_megatron_shard(reader.get, arch, tp_rank, tp, pp_rank, pp, "local")
+                    for name, tensor in shard.items():
+                        canonical = canonical_name(name, arch, pp_rank, pp)
+                        if canonical == "output_layer.weight" and arch.tie_word_embeddings:
+                            continue
+                        for hf_name, index, source in place_shard(canonical, tensor, tp_rank, tp, arch):
+                            full[hf_name][index].copy_(source)
+            for name in reader.names():
+                assert torch.equal(full[name], reader.get(name)), f"{family} tp={tp} pp={pp}: {name}"
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

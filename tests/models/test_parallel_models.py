@@ -36,6 +36,24 @@ def _check_roundtrip(row: dict) -> None:
     assert not rt["missing"] and not rt["extra"], f"{where}: missing {rt['missing']} extra {rt['extra']}"
 
 
+def _check_staged(parity_rows: list[dict], world_size: int) -> None:
+    """The round trip through host shared memory (``HostStaging``), read on rank 0 and the last
+    rank: three syncs, the second of weights perturbed by +1 (every tensor must differ from HF)."""
+    got = {}
+    for row in parity_rows:
+        for rt in row.get("staged", []):
+            where = f"{row['family']} layout tp,pp={row['layout']} reader {rt['rank']}"
+            assert not rt["missing"] and not rt["extra"], f"{where}: missing {rt['missing']} extra {rt['extra']}"
+            if rt["perturbed"]:
+                assert len(rt["mismatched"]) == rt["count"], f"{where}: stale tensors read after a change"
+            else:
+                assert not rt["mismatched"], f"{where}: tensors differ from HF: {rt['mismatched']}"
+            got.setdefault((tuple(row["layout"]), row["family"], rt["rank"]), []).append(rt["perturbed"])
+    layouts = {tuple(r["layout"]) for r in parity_rows}
+    assert set(got) == {(lay, f, r) for lay in layouts for f in FAMILIES for r in (0, world_size - 1)}
+    assert all(v == [False, True, False] for v in got.values())
+
+
 @pytest.fixture(scope="module")
 def ckpt_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mcore_ckpts")
@@ -98,6 +116,7 @@ def test_tp2_and_pp2_match_hf_and_roundtrip(world2):
         if "roundtrip" in row:
             _check_roundtrip(row)
     assert sum("roundtrip" in r for r in world2["parity"]) == 6
+    _check_staged(world2["parity"], 2)
 
 
 @pytest.mark.timeout(900)
@@ -148,6 +167,7 @@ def test_tp2_pp2_matches_hf_and_roundtrip(world4):
         if "roundtrip" in row:
             _check_roundtrip(row)
     assert sum("roundtrip" in r for r in world4["parity"]) == 3
+    _check_staged(world4["parity"], 4)
 
 
 @pytest.mark.timeout(900)

@@ -50,7 +50,8 @@ def main():
             return engine_generate(*a, **k)
 
         trainer.engine.generate = counting_generate
-    result = {"history": trainer.train(), "rollouts": rollouts, "threads": threads}
+    result = {"history": trainer.train(), "rollouts": rollouts, "threads": threads,
+              "transport": "collective" if trainer.staging is None else "shared_memory"}
     threads["after_train"] = torch.get_num_threads()
     trainer_probes = trainer.probe_logprobs()
     rank0 = trainer.ctx.rank == 0

@@ -73,8 +73,9 @@ def ppo_tp2(rl_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def grpo_engines(rl_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo_engines")
+    # the gather + broadcast transport (the other TP runs stage the weights in shared memory)
     extra = ["parallel.tensor_parallel=2", "rollout.tensor_parallel_size=2", "rollout.num_engines=2",
-             f"checkpoint.export_hf={tmp / 'export'}"]
+             f"checkpoint.export_hf={tmp / 'export'}", "refit.transport=collective"]
     result = run_rl(tmp, 4, _base(rl_model, tmp, "ckpt", 3, extra), "--corrupt-refit-check", timeout=500)
     return {"result": result, "tmp": tmp}
 
@@ -134,6 +135,7 @@ def test_grpo_step_one_matches_numpy_reference(grpo):
 
 def test_grpo_refit_parity_and_verification_tp1(grpo):
     result = grpo["result"]
+    assert result["transport"] == "collective"  # auto at TP=1: the engine reads the parameters directly
     diffs = [h["refit/max_abs_logp_diff"] for h in result["history"]]
     assert max(diffs) <= 1e-3
     assert all(h["weight_sync/bytes"] > 0 and h["weight_sync/bytes_per_s"] > 0 for h in result["history"])
@@ -204,6 +206,7 @@ def test_engine_rank_threads_tp2(ppo_tp2):
 
 def test_ppo_refit_parity_tp2(ppo_tp2):
     result = ppo_tp2["result"]
+    assert result["transport"] == "shared_memory"  # refit.transport=auto, two ranks on one host
     assert max(h["refit/max_abs_logp_diff"] for h in result["history"]) <= 1e-3
     _check_probe_parity(result, ppo_tp2["tmp"] / "export")
     assert "RefitVerificationError" in result["corrupt_error"]
@@ -213,6 +216,7 @@ def test_ppo_refit_parity_tp2(ppo_tp2):
 
 def test_tensor_parallel_rollout_engines(grpo_engines):
     result = grpo_engines["result"]
+    assert result["transport"] == "collective"
     history = result["history"]
     assert len(history) == 3
     for h, roll in zip(history, result["rollouts"]):

@@ -45,6 +45,7 @@ def test_recipes_build_and_overrides():
     ("rollout.max_model_len=8", "rollout.max_model_len"),
     ("refit.tol=0", "refit.tol"),
     ("rollout.engine_threads=-1", "rollout.engine_threads"),
+    ("refit.transport=nccl", "refit.transport"),
     ("task.source=jsonl", "task.prompts_file"),
 ])
 def test_invalid_overrides_name_the_field(override, field):
