@@ -117,8 +117,8 @@ def main(argv=None) -> None:
                         "the trainer's ranks)")
     p.add_argument("--engine-threads", type=int, default=0,
                    help="CPU: rollout.engine_threads (0 = the host's cores over its engine ranks)")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU: rollout.keep_freed_memory (glibc keeps freed memory for reuse)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: rollout.keep_freed_memory (glibc keeps freed memory for reuse; the default)")
     p.add_argument("--transport", default="auto", choices=("auto", "shared_memory", "collective"),
                    help="refit.transport: how the full tensors reach the engine (auto: shared memory where it helps)")
     p.add_argument("--steps", type=int, default=3)
@@ -145,7 +145,8 @@ def main(argv=None) -> None:
                    __file__, "--worker", "--out", str(out), "--model", args.model, "--dtype", args.dtype,
                    "--tp", str(tp), "--engine-tp", str(args.engine_tp),
                    "--engine-threads", str(args.engine_threads), "--transport", args.transport,
-                   *(["--keep-freed-memory"] if args.keep_freed_memory else []), "--steps", str(args.steps),
+                   "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory",
+                   "--steps", str(args.steps),
                    "--repeats", str(args.repeats), "--prompts", str(args.prompts), "--samples", str(args.samples)]
             threads = max(1, (os.cpu_count() or 1) // tp)
             start = time.perf_counter()
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
             rows.append(_row(tp, json.loads(out.read_text())))
     options = (f"engine TP {args.engine_tp}, engine threads {args.engine_threads or 'auto'}, "
                f"refit transport {args.transport}"
-               f"{', keep_freed_memory' if args.keep_freed_memory else ''}")
+               f", keep_freed_memory {str(args.keep_freed_memory).lower()}")
     print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples), "
           f"{options}; "
           f"{_machine()}; {datetime.date.today().isoformat()}; commit {_commit()}\n")

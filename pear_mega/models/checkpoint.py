@@ -516,13 +516,21 @@ def _iter_staged(gpt, params: dict[str, torch.Tensor], arch: ModelArch, ctx, sta
         return
     staging.barrier()  # the readers are done with the previous contents
     if ctx.dp_rank == 0 and ctx.cp_rank == 0:
-        with torch.no_grad():
-            for entry in stage_tensor_maps(arch, ctx.pp_rank, ctx.pp_size):
-                if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
-                    continue
-                local = params[local_name(entry.megatron, arch, ctx.pp_rank, ctx.pp_size, gpt.pear_spec_layout)]
-                for name, index, source in place_shard(entry.megatron, local.detach(), ctx.tp_rank, ctx.tp_size, arch):
-                    staging.tensor(name)[index].copy_(source)
+        # One thread: the ranks of the host write at the same time, and a second copy thread
+        # on a rank only competes with them (rank 0's writes, TP=3 on 2 cores: 0.08 -> 0.055 s).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                for entry in stage_tensor_maps(arch, ctx.pp_rank, ctx.pp_size):
+                    if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
+                        continue
+                    local = params[local_name(entry.megatron, arch, ctx.pp_rank, ctx.pp_size, gpt.pear_spec_layout)]
+                    for name, index, source in place_shard(entry.megatron, local.detach(), ctx.tp_rank, ctx.tp_size,
+                                                           arch):
+                        staging.tensor(name)[index].copy_(source)
+        finally:
+            torch.set_num_threads(threads)
     staging.barrier()  # every shard is in place
     if ctx.rank in staging.readers:
         yield from staging.read()
