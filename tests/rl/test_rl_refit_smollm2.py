@@ -3,6 +3,8 @@
 layouts, one after the other in the same process group:
 
 - TP=3: the model sharded over the 3 ranks; q/k/v heads, the vocabulary and the MLP split 3 ways;
+- TP=3 again, through host shared memory (``HostStaging``: every rank writes its shards in place,
+  the engine reads the full tensors there), after a second perturbation;
 - TP=1 (DP=3): rank 0 holds the whole model, the other replicas send nothing.
 
 Each phase changes the trainer's weights (random noise on every parameter, seeded per shard so
@@ -86,15 +88,15 @@ def _trainer(tp: int, seed: int, model_dir: str, probes) -> tuple:
     return ctx, model, logps
 
 
-def _refit_and_compare(ctx, model, trainer_logps, model_dir: str, engine, probes) -> dict | None:
-    """Refit the engine from the trainer (every rank drives its side of the gather); on rank 0
-    compare engine, trainer and transformers log-probs."""
+def _refit_and_compare(ctx, model, trainer_logps, model_dir: str, engine, probes, staging=None) -> dict | None:
+    """Refit the engine from the trainer (every rank drives its side of the gather, or writes its
+    shards into ``staging``); on rank 0 compare engine, trainer and transformers log-probs."""
     from transformers import AutoModelForCausalLM
 
     from pear_mega.models import ModelArch, iter_hf_tensors
     from pear_mega.rl.rollout import hf_sequence_logprobs
 
-    tensors = iter_hf_tensors(model, ModelArch.from_hf(model_dir), ctx, dst=0)
+    tensors = iter_hf_tensors(model, ModelArch.from_hf(model_dir), ctx, dst=0, staging=staging)
     result = None
     if engine is not None:
         prompts, responses = probes
@@ -131,7 +133,10 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
     torch.set_num_threads(1)  # 3 processes on 2 cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=180))
-    engine = None
+    from pear_mega.models import ModelArch
+    from pear_mega.models.staging import HostStaging
+
+    engine = staging = None
     try:
         # Both splits are made before the engine starts: vLLM's setup on rank 0 creates process
         # groups of its own, after which a new split of the trainer's world would hang (torch
@@ -139,17 +144,30 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         tp1 = _trainer(1, 2, model_dir, probes)
         destroy_parallel(keep_process_group=True)
         tp3 = _trainer(3, 1, model_dir, probes)
+        ctx, model, _ = tp3
+        arch = ModelArch.from_hf(model_dir)
+        assert HostStaging.unavailable(arch, torch.float32, ctx, readers=[0]) is None
+        staging = HostStaging.create(arch, torch.float32, ctx, readers=[0])  # before the engine, like the trainer
         if rank == 0:
             from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
 
             engine = RolloutEngine(RolloutConfig(model=model_dir, max_model_len=64, kv_cache_bytes=32 << 20))
-        for tp, trainer in ((3, tp3), (1, tp1)):  # TP=1 needs no process group of its split
-            row = _refit_and_compare(*trainer, model_dir, engine, probes)
-            if row is not None:
-                results[tp] = row
+        row = _refit_and_compare(*tp3, model_dir, engine, probes)
+        if row is not None:
+            results["tp3"] = row
+        _perturb(model, ctx.tp_rank, 3)  # new weights, so that the staged refit must move the engine
+        row = _refit_and_compare(ctx, model, _trainer_logprobs(model, ctx, arch, *probes), model_dir, engine, probes,
+                                 staging=staging)
+        if row is not None:
+            results["tp3_staged"] = row
+        row = _refit_and_compare(*tp1, model_dir, engine, probes)  # TP=1 needs no process group of its split
+        if row is not None:
+            results["tp1"] = row
     finally:
         if engine is not None:
             engine.close()
+        if staging is not None:
+            staging.close()
         destroy_parallel(keep_process_group=True)
         dist.destroy_process_group()
 
@@ -167,7 +185,7 @@ def _probe_ids(model_dir: str):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
-def test_refit_parity_smollm2_tp3_and_tp1():
+def test_refit_parity_smollm2_tp3_staged_and_tp1():
     from pear_mega.models import ModelArch
     from pear_mega.pretrained import smollm2_135m_instruct
     from pear_mega.rl.rollout import checkpoint_tensor_names
@@ -179,9 +197,9 @@ def test_refit_parity_smollm2_tp3_and_tp1():
     mp.start_processes(_rank_main, args=(_free_port(), model_dir, _probe_ids(model_dir), results), nprocs=WORLD,
                        start_method="spawn")
     names = checkpoint_tensor_names(model_dir) | {"lm_head.weight"}
-    for tp in (3, 1):
-        row = results[tp]
-        print(f"TP={tp}: {row}")
+    for phase in ("tp3", "tp3_staged", "tp1"):
+        row = results[phase]
+        print(f"{phase}: {row}")
         assert row["tensors"] == len(names)  # every weight, lm_head included, on every refit
         assert row["refit_moved"] > 100 * TOL, "the perturbation did not change the engine's log-probs"
         assert row["engine_vs_trainer"] <= TOL
