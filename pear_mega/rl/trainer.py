@@ -53,6 +53,7 @@ from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
 from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
 from pear_mega.pear import IGNORE_INDEX, PearConfig
+from pear_mega.platform import use_gpu
 from pear_mega.rl.config import RLConfig
 from pear_mega.rl.engine_group import EngineGroup, EnginePlacement
 from pear_mega.rl.experience import (
@@ -244,7 +245,7 @@ class RLTrainer:
         if reason is not None:
             if transport == "shared_memory":
                 raise ValueError(f"refit.transport=shared_memory cannot be used: {reason}")
-            if not torch.cuda.is_available():
+            if not use_gpu():
                 self._print(f"weight sync: gathered over the process groups ({reason})")
             return None
         staging = HostStaging.create(self.arch, dtype, self.ctx, readers)

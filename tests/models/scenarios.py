@@ -260,6 +260,23 @@ def _step_tp_error(step: dict) -> list[dict]:
     return [{"layout": [tp, pp], "error": message}] if ctx.rank == 0 else []
 
 
+def _step_staging_unavailable(step: dict) -> list[dict]:
+    """``HostStaging.unavailable``: the reason for a missing directory, None for a writable one
+    with room for the model."""
+    from pear_mega.models.staging import HostStaging, staging_layout
+
+    ctx = _init(1, 1)
+    arch = ModelArch.from_hf(step["model"])
+    st = os.statvfs(step["dir"])
+    rows = [{
+        "fits": st.f_bavail * st.f_frsize >= staging_layout(arch, torch.float32, 1)[2],
+        "missing": HostStaging.unavailable(arch, torch.float32, ctx, [0], directory="/nonexistent/pear_mega"),
+        "ok": HostStaging.unavailable(arch, torch.float32, ctx, [0], directory=step["dir"]),
+    }]
+    destroy_parallel(keep_process_group=True)
+    return rows
+
+
 def _step_tool(step: dict) -> list[dict]:
     """Run tools/convert_hf.py's main() in this process group; rank 0 reports the exit code."""
     import importlib.util
@@ -277,6 +294,7 @@ _STEPS = {
     "reshard": _step_reshard,
     "train": _step_train,
     "tp_error": _step_tp_error,
+    "staging_unavailable": _step_staging_unavailable,
     "tool": _step_tool,
 }
 

@@ -96,6 +96,7 @@ def world1(tiny_models, smollm2_dir, world4, ckpt_root) -> dict:
     exports = {f: str(ckpt_root / f"{f}_exported") for f in FAMILIES}
     steps = [
         {"kind": "parity", "layout": [1, 1], "models": [tiny_models[f] for f in FAMILIES] + [smollm2_dir]},
+        {"kind": "staging_unavailable", "model": tiny_models["llama"], "dir": str(ckpt_root)},
         {"kind": "tool", "argv": ["import", qwen2, imported, "--tp", "2"]},
         {"kind": "tool", "argv": ["verify", qwen2, imported, "--tol", "1e-4"]},
         {"kind": "tool", "argv": ["verify", tiny_models["llama"], imported, "--tol", "1e-4"]},
@@ -103,7 +104,8 @@ def world1(tiny_models, smollm2_dir, world4, ckpt_root) -> dict:
         {"kind": "tool", "argv": ["export", world4["ckpts"][tiny_models[f]], exports[f]]} for f in FAMILIES
     ]  # fmt: skip
     results = run_ranks("run_steps", 1, {"steps": steps}, timeout=480)
-    return {"parity": rows(results, "parity"), "tool": rows(results, "tool"), "exports": exports}
+    return {"parity": rows(results, "parity"), "tool": rows(results, "tool"), "exports": exports,
+            "staging": rows(results, "staging_unavailable")}
 
 
 @pytest.mark.timeout(900)
@@ -177,6 +179,13 @@ def test_tp1_matches_hf_tiny_and_smollm2(world1):
     for row in world1["parity"]:
         print(row)
         _check_parity(row)
+
+
+@pytest.mark.timeout(900)
+def test_host_staging_names_why_it_cannot_be_used(world1):
+    (row,) = world1["staging"]
+    assert row["missing"] == "/nonexistent/pear_mega is missing or not writable"
+    assert row["fits"] and row["ok"] is None
 
 
 @pytest.mark.timeout(900)
