@@ -174,17 +174,21 @@ class HostStaging:
 
     @classmethod
     def create(cls, arch: ModelArch, dtype: torch.dtype, ctx, readers: Sequence[int], *,
-               directory: str = "/dev/shm") -> HostStaging:
+               directory: str = "/dev/shm", timeout_s: float = 1800.0) -> HostStaging:
         """A staging area for the weight sync of ``ctx``'s model (parameters of ``dtype``) to the
         engine ranks ``readers``; check ``unavailable`` first. Collective over all ranks; a rank
-        that neither writes nor reads gets an object without a mapping."""
+        that neither writes nor reads gets an object without a mapping. ``timeout_s``: of the
+        participants' group (when they are not the whole world)."""
+        import datetime
+
         import torch.distributed as dist
 
         ranks = cls.participants(ctx, readers)
         token: list[Any] = [secrets.token_hex(8)]
         dist.broadcast_object_list(token, src=0)
         # new_group is collective over the default group: every rank makes the same call.
-        group = None if len(ranks) == ctx.world_size else dist.new_group(ranks, backend="gloo")
+        group = None if len(ranks) == ctx.world_size else dist.new_group(
+            ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         path = os.path.join(directory, f"pear_mega-refit-{token[0]}")
         return cls(arch, dtype, ctx.pp_size, ranks, readers, group, path, ctx.rank)
 

@@ -248,7 +248,7 @@ class RLTrainer:
             if not use_gpu():
                 self._print(f"weight sync: gathered over the process groups ({reason})")
             return None
-        staging = HostStaging.create(self.arch, dtype, self.ctx, readers)
+        staging = HostStaging.create(self.arch, dtype, self.ctx, readers, timeout_s=self.cfg.parallel.timeout_s)
         self._print(f"weight sync: through host shared memory ({staging.nbytes / 2**20:.0f} MiB in /dev/shm)")
         return staging
 
