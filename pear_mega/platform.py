@@ -2,12 +2,15 @@
 
 ``use_gpu()`` decides between nccl/gloo, GPU/CPU tensors and bf16/fp32 defaults; ``te_available()``
 decides between megatron's Transformer Engine layer spec and its local (pure PyTorch) spec.
-Both are cached: the answer cannot change within a process.
+Both are cached: the answer cannot change within a process. ``torch_threads`` scopes the CPU
+thread count of a block (engine work on CPU, the host-staging writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 
 @functools.cache
@@ -32,6 +35,22 @@ def te_available() -> bool:
     except Exception:  # noqa: BLE001 (a broken TE build raises anything at import)
         return False
     return True
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads (None: unchanged), then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def quiet_fallback_warnings() -> None:

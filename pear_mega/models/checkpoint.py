@@ -45,7 +45,9 @@ from pear_mega.models.mapping import (
     megatron_to_hf,
     place_shard,
     stage_tensor_maps,
+    sync_tensor_maps,
 )
+from pear_mega.platform import torch_threads
 
 if TYPE_CHECKING:
     from pear_mega.models.staging import HostStaging
@@ -471,9 +473,7 @@ def iter_hf_tensors(
     for stage in range(ctx.pp_size):
         receives = ctx.rank in members[stage]
         owns = gathers and ctx.pp_rank == stage
-        # (tied models: the last stage's output layer is a copy of the embedding)
-        entries = [e for e in stage_tensor_maps(arch, stage, ctx.pp_size)
-                   if not (arch.tie_word_embeddings and e.megatron == "output_layer.weight")]
+        entries = sync_tensor_maps(arch, stage, ctx.pp_size)
         pending = start_gather(entries[0], stage) if owns and entries else None
         for i, entry in enumerate(entries):
             results = None
@@ -518,19 +518,11 @@ def _iter_staged(gpt, params: dict[str, torch.Tensor], arch: ModelArch, ctx, sta
     if ctx.dp_rank == 0 and ctx.cp_rank == 0:
         # One thread: the ranks of the host write at the same time, and a second copy thread
         # on a rank only competes with them (rank 0's writes, TP=3 on 2 cores: 0.08 -> 0.055 s).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.no_grad():
-                for entry in stage_tensor_maps(arch, ctx.pp_rank, ctx.pp_size):
-                    if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
-                        continue
-                    local = params[local_name(entry.megatron, arch, ctx.pp_rank, ctx.pp_size, gpt.pear_spec_layout)]
-                    for name, index, source in place_shard(entry.megatron, local.detach(), ctx.tp_rank, ctx.tp_size,
-                                                           arch):
-                        staging.tensor(name)[index].copy_(source)
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(1), torch.no_grad():
+            for entry in sync_tensor_maps(arch, ctx.pp_rank, ctx.pp_size):
+                local = params[local_name(entry.megatron, arch, ctx.pp_rank, ctx.pp_size, gpt.pear_spec_layout)]
+                for name, index, source in place_shard(entry.megatron, local.detach(), ctx.tp_rank, ctx.tp_size, arch):
+                    staging.tensor(name)[index].copy_(source)
     staging.barrier()  # every shard is in place
     if ctx.rank in staging.readers:
         yield from staging.read()

@@ -139,6 +139,12 @@ def stage_tensor_maps(arch: ModelArch, pp_rank: int, pp_size: int) -> list[Tenso
     return out
 
 
+def sync_tensor_maps(arch: ModelArch, pp_rank: int, pp_size: int) -> list[TensorMap]:
+    """The tensors of stage ``pp_rank`` a weight sync sends: ``stage_tensor_maps`` without the
+    last stage's copy of a tied embedding (the embedding itself is sent, also as ``lm_head``)."""
+    return [e for e in stage_tensor_maps(arch, pp_rank, pp_size) if e is not TIED_OUTPUT]
+
+
 def all_tensor_maps(arch: ModelArch) -> list[TensorMap]:
     """Every tensor of the model at PP=1 (canonical names, global layers)."""
     return stage_tensor_maps(arch, 0, 1)

@@ -34,6 +34,7 @@ Used on CPU only: on GPU the gather runs over NCCL and the engine loads from dev
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 
 from pear_mega.models.arch import ModelArch
-from pear_mega.models.mapping import hf_tensor_shape, stage_tensor_maps
+from pear_mega.models.mapping import hf_tensor_shape, sync_tensor_maps
 from pear_mega.platform import use_gpu
 
 _ALIGN = 64
@@ -63,13 +64,7 @@ def host_id() -> str:
 def staged_names(arch: ModelArch, pp_size: int) -> list[str]:
     """The HF tensors of a sync in the order ``iter_hf_tensors`` yields them, without the tied
     ``lm_head`` (it is the embedding)."""
-    names = []
-    for stage in range(pp_size):
-        for entry in stage_tensor_maps(arch, stage, pp_size):
-            if arch.tie_word_embeddings and entry.megatron == "output_layer.weight":
-                continue
-            names.extend(entry.hf)
-    return names
+    return [name for stage in range(pp_size) for entry in sync_tensor_maps(arch, stage, pp_size) for name in entry.hf]
 
 
 def staging_layout(arch: ModelArch, dtype: torch.dtype, pp_size: int
@@ -80,7 +75,7 @@ def staging_layout(arch: ModelArch, dtype: torch.dtype, pp_size: int
     for name in names:
         shape = hf_tensor_shape(arch, name)
         slots[name] = (offset, shape)
-        offset += -(-_numel(shape) * _itemsize(dtype) // _ALIGN) * _ALIGN
+        offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
     return names, slots, offset
 
 
@@ -135,7 +130,7 @@ class HostStaging:
 
     def _view(self, name: str) -> torch.Tensor:
         offset, shape = self._slots[name]
-        nbytes = _numel(shape) * _itemsize(self.dtype)
+        nbytes = math.prod(shape) * self.dtype.itemsize
         return self._buffer[offset:offset + nbytes].view(self.dtype).view(shape)
 
     @staticmethod
@@ -216,13 +211,3 @@ class HostStaging:
         self._buffer = None
         self._views = {}
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -32,7 +32,6 @@ pass through every engine rank one bucket at a time, never the whole model.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
@@ -43,6 +42,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from pear_mega.platform import torch_threads, use_gpu
 
 T = TypeVar("T")
 
@@ -107,20 +108,6 @@ def engine_threads_for(engine_ranks_on_host: int) -> int:
     return max(torch.get_num_threads(), cores // max(1, engine_ranks_on_host))
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int | None):
-    """Run the block with ``threads`` torch threads (None: unchanged), then restore."""
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -176,7 +163,7 @@ class EngineGroup:
                 "TORCHELASTIC_USE_AGENT_STORE": "False",
             }
         self.engine_threads = None
-        if self.engine_index is not None and not torch.cuda.is_available():
+        if self.engine_index is not None and not use_gpu():
             here = offers[ctx.rank][0]
             on_host = sum(1 for r in range(placement.num_hosts) if offers[r][0] == here)
             self.engine_threads = engine_threads or engine_threads_for(on_host)
@@ -203,7 +190,7 @@ class EngineGroup:
         result, error, message = None, None, None
         if self.hosts_engine:
             try:
-                with _torch_threads(self.engine_threads):
+                with torch_threads(self.engine_threads):
                     result = fn()
             except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks are told)
                 error, message = exc, f"{type(exc).__name__}: {exc}"

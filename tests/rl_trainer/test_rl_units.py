@@ -184,7 +184,8 @@ def test_engine_placement_layout():
 def test_engine_threads_take_the_waiting_ranks_cores(monkeypatch):
     import os
 
-    from pear_mega.rl.engine_group import _torch_threads, engine_threads_for
+    from pear_mega.platform import torch_threads
+    from pear_mega.rl.engine_group import engine_threads_for
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     before = torch.get_num_threads()
@@ -194,13 +195,13 @@ def test_engine_threads_take_the_waiting_ranks_cores(monkeypatch):
         assert engine_threads_for(1) == 16 and engine_threads_for(4) == 4
         # never fewer than the trainer's own threads (17 engine ranks on 16 cores: 1)
         assert engine_threads_for(17) == 1
-        with _torch_threads(3):
+        with torch_threads(3):
             assert torch.get_num_threads() == 3
         assert torch.get_num_threads() == 1
-        with pytest.raises(RuntimeError), _torch_threads(2):
+        with pytest.raises(RuntimeError), torch_threads(2):
             raise RuntimeError("engine call failed")
         assert torch.get_num_threads() == 1  # restored on errors too
-        with _torch_threads(None):
+        with torch_threads(None):
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
