@@ -180,6 +180,11 @@ def grpo_advantages(
     std the unbiased (Bessel-corrected) sample std. ``normalize_std=False`` gives Dr.GRPO's
     A_i = r_i − mean_g(r) (arXiv 2503.20783, §3.2).
 
+    The group statistics are computed in float64 and a group whose rewards are all equal gets
+    exactly 0: in float32 the mean of eight rewards of 0.7 is off by one ulp, and dividing that
+    residual by std + ε = ε would give every sample an advantage of ≈ 0.06 (0.32 for twelve of
+    2.7611) — a spurious push on groups that carry no signal (partial credit makes them common).
+
     Args:
         rewards: ``[G·n]`` sequence rewards, the n samples of a prompt contiguous.
         group_size: n.
@@ -192,14 +197,14 @@ def grpo_advantages(
         )
     if normalize_std and group_size < 2:
         raise ValueError("group_size must be >= 2 to normalize by the group std")
-    r = rewards.float().view(-1, group_size)
-    centered = r - r.mean(dim=1, keepdim=True)
-    if normalize_std:
-        std = r.std(dim=1, keepdim=True)
-        adv = centered / (std + eps)
-    else:
-        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-        adv = centered
+    r = rewards.double().view(-1, group_size)
+    # Two-pass: centre first, then the std of the centred values; a constant group is zeroed
+    # explicitly so that no rounding of the mean can leak into its advantages.
+    constant = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    centered = torch.where(constant, torch.zeros_like(r), r - r.mean(dim=1, keepdim=True))
+    std = centered.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    adv = centered / (std + eps) if normalize_std else centered
+    adv, std = adv.float(), std.float()
     metrics = {
         "train/adv_mean": adv.mean().detach(),
         "train/adv_abs_max": adv.abs().max().detach(),
