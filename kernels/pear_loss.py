@@ -9,6 +9,11 @@ without materializing softmax, log-softmax or any other ``[T, V]`` fp32 copy:
               per-sequence suffix scan → log G (detached), loss = Σ mask·G·s·(−logp_θ) / norm
     backward  grad = G·s/norm · (softmax − onehot(label))                          1 read + 1 write
 
+With ``config.target_temperature`` τ ≠ 1 the weight's δ uses the tempered log-prob
+log softmax(x/τ)[label] of πθ (the distribution RL rollouts at temperature τ will sample from), from
+a fifth per-row statistic in the same pass and the same collective; the loss term −logp_θ, the
+returned ``logprobs``, the entropy and the gradient stay at temperature 1 (the weights are detached).
+
 Every TP rank computes the same loss, log-probs, weights and entropy; each receives the gradient of
 its own shard (no collective in backward). Two backends with the same semantics: ``"triton"``
 (CUDA, or CPU under ``TRITON_INTERPRET=1``) and ``"torch"`` (chunked PyTorch); ``"auto"`` picks
@@ -49,22 +54,71 @@ def _log_weights_from_labels(logp_theta, logp_beta, labels, cu_seqlens, config):
     return log_weights_torch(logp_theta, logp_beta, labels != IGNORE_INDEX, cu_seqlens, config)
 
 
-def _combine_tp_stats(stats: Tensor, tp_group) -> Tensor:
-    """Merge per-shard (m, s, w, tgt) ``[T, 4]`` into global ones with a single all_gather."""
+def _combine_tp_stats(stats: Tensor, tp_group, inv_temperature: float | None = None) -> Tensor:
+    """Merge per-shard (m, s, w, tgt[, s_τ]) ``[T, 4 or 5]`` into global ones with a single all_gather."""
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
     if world == 1:
         return stats
-    # Concatenated (not stacked) output: the one layout every backend accepts, gloo included.
-    gathered = stats.new_empty((world * stats.shape[0], stats.shape[1]))
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
-    all_gather(gathered, stats.contiguous(), group=tp_group)
-    m_r, s_r, w_r, t_r = gathered.view(world, *stats.shape).unbind(-1)  # each [world, T]
+    m_r, s_r, w_r, t_r, *st_r = all_gather_rows(stats, tp_group).unbind(-1)  # each [world, T]
     m = m_r.max(dim=0).values
     m_safe = torch.where(torch.isinf(m), 0.0, m)
     scale = torch.exp(m_r - m_safe)  # 0 for shards that are pure padding (m_r = -inf)
     s = (scale * s_r).sum(0)
     w = (scale * torch.where(s_r > 0, w_r + (m_r - m_safe) * s_r, 0.0)).sum(0)
-    return torch.stack([m, s, w, t_r.sum(0)], dim=-1)
+    merged = [m, s, w, t_r.sum(0)]
+    if st_r:  # s_τ rescales by exp((m_r − m)/τ)
+        merged.append((torch.exp((m_r - m_safe) * inv_temperature) * st_r[0]).sum(0))
+    return torch.stack(merged, dim=-1)
+
+
+def all_gather_rows(stats: Tensor, tp_group) -> Tensor:
+    """``[T, C]`` per-row statistics of every rank of ``tp_group`` → ``[world, T, C]`` (one all_gather)."""
+    world = dist.get_world_size(tp_group)
+    # Concatenated (not stacked) output: the one layout every backend accepts, gloo included.
+    gathered = stats.new_empty((world * stats.shape[0], stats.shape[1]))
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
+    all_gather(gathered, stats.contiguous(), group=tp_group)
+    return gathered.view(world, *stats.shape)
+
+
+def pear_log_weights(
+    logp_theta: Tensor, logp_beta: Tensor, labels: Tensor, cu_seqlens: Tensor, config: PearConfig, *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """PEAR log weights of a pack on the device, shared by every fused loss (see ``pear_mega.pear``).
+
+    logp_theta, logp_beta: ``[T]`` log πθ / log πβ of the labels; labels: ``[T]`` (-100 = no loss);
+    cu_seqlens: ``[B+1]``. Returns ``(log_weights [T] fp32, inv_count [T] fp32, nonempty 0-dim)``:
+    log G_t after both clips (0 where masked), 1 / (loss tokens of t's sequence) on loss tokens, and
+    the number of sequences with a loss token. ``backend``: "auto" (Triton for CUDA tensors),
+    "triton" (CUDA or ``TRITON_INTERPRET=1``) or "torch" (vectorized, no host sync).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"pear_log_weights: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if labels.is_cuda else "torch"
+    return _backend_fns(backend)[1](logp_theta, logp_beta, labels, cu_seqlens, config)
+
+
+def loss_coefficients(
+    log_w: Tensor, inv_count: Tensor, nonempty: Tensor, mask: Tensor, config: PearConfig, normalizer: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(coef [T] fp32, denom 0-dim)`` with loss = Σ_t coef_t · ℓ_t / denom for any per-token loss
+    ℓ_t: coef = mask · G · s (s = ``inv_count`` for ``normalization="sequences"``, else 1); denom =
+    ``normalizer`` or the default of ``config.normalization``. No host sync."""
+    coef = torch.where(mask, torch.exp(log_w), 0.0)
+    if config.normalization == "sequences":
+        coef = coef * inv_count
+    if normalizer is not None:
+        denom = normalizer
+    elif config.normalization == "tokens":
+        denom = mask.sum().float().clamp_min(1.0)
+    elif config.normalization == "sequences":
+        denom = nonempty.float().clamp_min(1.0)
+    else:
+        total = coef.sum()
+        denom = torch.where(total > 0, total, 1.0)
+    return coef, denom
 
 
 class _FusedPearLoss(torch.autograd.Function):
@@ -75,25 +129,17 @@ class _FusedPearLoss(torch.autograd.Function):
     ):  # fmt: skip
         row_stats, log_weights_fn, grad_fn = _backend_fns(backend)
         mask = labels != IGNORE_INDEX
-        stats = _combine_tp_stats(row_stats(logits, labels, vocab_start, n_valid), tp_group)
-        m, s, w, tgt = stats.unbind(-1)
+        inv_t = None if config.target_temperature == 1.0 else 1.0 / config.target_temperature
+        stats = _combine_tp_stats(row_stats(logits, labels, vocab_start, n_valid, inv_t), tp_group, inv_t)
+        m, s, w, tgt, *s_t = stats.unbind(-1)
         log_s = torch.log(s)
         log_z = m + log_s
         logp = torch.where(mask, tgt - log_z, 0.0)
         entropy = log_s - w / s
-        log_w, inv_count, nonempty = log_weights_fn(logp, behavior_logprobs, labels, cu_seqlens, config)
-        coef = torch.where(mask, torch.exp(log_w), 0.0)
-        if config.normalization == "sequences":
-            coef = coef * inv_count
-        if normalizer is not None:
-            denom = normalizer
-        elif config.normalization == "tokens":
-            denom = mask.sum().float().clamp_min(1.0)
-        elif config.normalization == "sequences":
-            denom = nonempty.float().clamp_min(1.0)
-        else:
-            total = coef.sum()
-            denom = torch.where(total > 0, total, 1.0)
+        # log πθ at the target temperature τ: tgt/τ − (m/τ + log s_τ)
+        logp_w = logp if inv_t is None else torch.where(mask, (tgt - m) * inv_t - torch.log(s_t[0]), 0.0)
+        log_w, inv_count, nonempty = log_weights_fn(logp_w, behavior_logprobs, labels, cu_seqlens, config)
+        coef, denom = loss_coefficients(log_w, inv_count, nonempty, mask, config, normalizer)
         loss = (coef * -logp).sum() / denom
         ctx.save_for_backward(logits, labels, log_z, coef / denom)
         ctx.grad_fn, ctx.vocab_start, ctx.n_valid, ctx.inplace = grad_fn, vocab_start, n_valid, inplace_backward

@@ -8,6 +8,9 @@ never a full ``[T, V]`` fp32 copy.
 Per-row statistics (``[T, 4]`` fp32, relative to the row max m over the valid local columns):
     m,  s = Σ_v exp(x_v − m),  w = Σ_v exp(x_v − m)·(x_v − m),  tgt = x[label] (0 if not local)
 so that log Z = m + log s, log p(label) = tgt − log Z and entropy H = log s − w / s.
+With a target temperature τ ≠ 1 (``inv_temperature`` = 1/τ) a fifth column
+    s_τ = Σ_v exp((x_v − m)/τ)
+gives the tempered log-partition log Z_τ = m/τ + log s_τ and log p_τ(label) = tgt/τ − log Z_τ.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ def _rows_per_chunk(v_local: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, v_local))
 
 
-def row_stats_torch(logits: Tensor, labels: Tensor, vocab_start: int, n_valid: int) -> Tensor:
-    """Softmax statistics of each row over local columns ``[0, n_valid)``. Returns ``[T, 4]`` fp32."""
+def row_stats_torch(
+    logits: Tensor, labels: Tensor, vocab_start: int, n_valid: int, inv_temperature: float | None = None
+) -> Tensor:
+    """Softmax statistics of each row over local columns ``[0, n_valid)``. Returns ``[T, 4]`` fp32,
+    or ``[T, 5]`` with s_τ when ``inv_temperature`` is given."""
     T = logits.shape[0]
-    stats = torch.zeros(T, 4, dtype=torch.float32, device=logits.device)
+    stats = torch.zeros(T, 4 if inv_temperature is None else 5, dtype=torch.float32, device=logits.device)
     if n_valid == 0:  # the whole shard is vocab padding: contributes nothing to the softmax
         stats[:, 0] = -math.inf
         return stats
@@ -48,6 +54,8 @@ def row_stats_torch(logits: Tensor, labels: Tensor, vocab_start: int, n_valid: i
         x = logits[r0:r1, :n_valid]
         m = torch.amax(x, dim=1, keepdim=True).float()
         d = torch.sub(x, m, out=d_buf[: r1 - r0])  # the caller's logits stay untouched
+        if inv_temperature is not None:  # before d is overwritten below; e_buf is free until then
+            stats[r0:r1, 4] = torch.mul(d, inv_temperature, out=e_buf[: r1 - r0]).exp_().sum(dim=1)
         e = torch.exp(d, out=e_buf[: r1 - r0])
         stats[r0:r1, 0] = m.squeeze(1)
         stats[r0:r1, 1] = e.sum(dim=1)

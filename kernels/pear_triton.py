@@ -6,6 +6,8 @@ Three kernels (launchers below; ``pear_loss.py`` holds the autograd function and
    per row m = max x, s = Σ exp(x − m), w = Σ exp(x − m)(x − m), tgt = x[label] if the label lives in
    this shard. When the running max moves from m to m', (s, w) rescale as
    s' = e^{m−m'} s,  w' = e^{m−m'} (w + (m − m') s). fp32 accumulation for bf16 logits.
+   With a target temperature τ ≠ 1 (``WITH_TEMP``) a fifth statistic s_τ = Σ exp((x − m)/τ)
+   rescales as s_τ' = e^{(m−m')/τ} s_τ (the tempered log-probs of the PEAR weight).
 2. ``_seq_scan_kernel`` / ``_log_weights_kernel`` — one program per sequence walks it backwards in
    chunks with ``tl.cumsum(x, 0, reverse=True)`` and a carry: the number of later loss tokens and
    the suffix sum of clipped δ. The block level also needs Σ δ over the ranks >= r (r = the first
@@ -56,8 +58,10 @@ def _row_stats_kernel(
     T,
     n_valid,
     vocab_start,
+    inv_temp,
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    WITH_TEMP: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -67,6 +71,7 @@ def _row_stats_kernel(
     s = tl.zeros([BLOCK_T], tl.float32)
     w = tl.zeros([BLOCK_T], tl.float32)
     tgt = tl.zeros([BLOCK_T], tl.float32)
+    s_t = tl.zeros([BLOCK_T], tl.float32)
     for v0 in range(0, n_valid, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols < n_valid)[None, :]
@@ -80,14 +85,19 @@ def _row_stats_kernel(
         shift = tl.where(s > 0, m - m_safe, 0.0) * s  # s > 0 implies m is finite
         w = alpha * (w + shift) + tl.sum(e * d, 1)
         s = alpha * s + tl.sum(e, 1)
+        if WITH_TEMP:
+            e_t = tl.where(ok, tl.exp(d * inv_temp), 0.0)
+            s_t = tl.exp((m - m_safe) * inv_temp) * s_t + tl.sum(e_t, 1)
         m = m_new
         hit = ok & (cols[None, :].to(tl.int64) == local[:, None])
         tgt += tl.sum(tl.where(hit, x, 0.0), 1)
-    out = stats_ptr + rows.to(tl.int64) * 4
+    out = stats_ptr + rows.to(tl.int64) * (5 if WITH_TEMP else 4)
     tl.store(out, m, mask=row_ok)
     tl.store(out + 1, s, mask=row_ok)
     tl.store(out + 2, w, mask=row_ok)
     tl.store(out + 3, tgt, mask=row_ok)
+    if WITH_TEMP:
+        tl.store(out + 4, s_t, mask=row_ok)
 
 
 @triton.jit
@@ -221,15 +231,20 @@ def _log_weights_kernel(
         carry_d += tl.sum(d, 0)
 
 
-def row_stats_triton(logits: Tensor, labels: Tensor, vocab_start: int, n_valid: int) -> Tensor:
-    """Per-row (m, s, w, tgt) over local columns [0, n_valid): ``[T, 4]`` fp32 (see module doc)."""
+def row_stats_triton(
+    logits: Tensor, labels: Tensor, vocab_start: int, n_valid: int, inv_temperature: float | None = None
+) -> Tensor:
+    """Per-row (m, s, w, tgt) over local columns [0, n_valid): ``[T, 4]`` fp32 (see module doc);
+    ``[T, 5]`` with s_τ when ``inv_temperature`` (1/τ) is given."""
     T = logits.shape[0]
-    stats = torch.empty(T, 4, dtype=torch.float32, device=logits.device)
+    with_temp = inv_temperature is not None
+    stats = torch.empty(T, 5 if with_temp else 4, dtype=torch.float32, device=logits.device)
     block_t, block_v, warps = _row_blocks(max(n_valid, 1), logits.dtype)
     grid = (triton.cdiv(T, block_t),)
     _row_stats_kernel[grid](
         logits, logits.stride(0), labels, stats, T, n_valid, vocab_start,
-        BLOCK_T=block_t, BLOCK_V=block_v, num_warps=warps,
+        float(inv_temperature) if with_temp else 1.0,
+        BLOCK_T=block_t, BLOCK_V=block_v, WITH_TEMP=with_temp, num_warps=warps,
     )  # fmt: skip
     return stats
 

@@ -15,6 +15,9 @@ skipped, so "later" always means "later loss token"):
 
     loss = Σ_t mask_t · G_t · s_t · (−logp_θ(t)) / normalizer
 
+logp_θ in δ is taken at ``target_temperature`` τ: log softmax(logits/τ)[y_t], the distribution the RL
+rollouts that follow will sample from (τ = 1 by default); the loss term −logp_θ stays at τ = 1.
+
 with s_t = 1 except for ``normalization="sequences"`` where s_t = 1 / (loss tokens of t's sequence).
 Default normalizers: "tokens" → number of loss tokens; "sequences" → number of sequences holding at
 least one loss token; "weights" → Σ mask·G (self-normalized). An explicit ``normalizer`` (for example
@@ -30,6 +33,7 @@ Shapes: ``T`` packed tokens, ``B`` sequences, ``V`` vocab; ``cu_seqlens [B+1]`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +66,9 @@ class PearConfig:
     normalization: str = "tokens"
     """Loss denominator: "tokens" (loss-token count), "sequences" (per-sequence mean, then mean over
     sequences) or "weights" (self-normalized: divide by Σ G)."""
+    target_temperature: float = 1.0
+    """τ > 0 at which πθ's log-prob enters δ (log softmax(logits/τ)): set it to the temperature of the
+    RL rollouts that follow PEAR-SFT. The loss term −logp_θ and its gradient stay at τ = 1."""
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -80,6 +87,9 @@ class PearConfig:
             raise ValueError(f"PearConfig.log_weight_clip must satisfy lo <= hi, got {self.log_weight_clip!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"PearConfig.block_size must be an int >= 1, got {self.block_size!r}")
+        t = self.target_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"PearConfig.target_temperature must be a finite number > 0, got {t!r}")
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -162,6 +172,38 @@ def _per_token_sequence_scale(loss_mask: Tensor, cu_seqlens: Tensor) -> tuple[Te
     return scale, nonempty
 
 
+def reference_loss_coefficients(
+    log_weights: Tensor, loss_mask: Tensor, cu_seqlens: Tensor, config: PearConfig, normalizer=None
+) -> tuple[Tensor, Tensor]:
+    """``(coef [T] fp64, denom 0-dim fp64)`` such that loss = Σ_t coef_t · ℓ_t / denom for any
+    per-token loss ℓ_t (the NLL here, the distillation loss in ``pear_mega.kd``): coef = mask · G · s
+    and denom = ``normalizer`` or the default of ``config.normalization`` (see the module doc)."""
+    mask = loss_mask.bool().cpu()
+    weight = torch.where(mask, log_weights.detach().cpu().exp(), 0.0)
+    seq_scale, nonempty = _per_token_sequence_scale(mask, cu_seqlens.cpu())
+    coef = weight.double()
+    if config.normalization == "sequences":
+        coef = coef * seq_scale
+    if normalizer is not None:
+        denom = torch.as_tensor(normalizer, dtype=torch.float64).detach().cpu()
+    elif config.normalization == "tokens":
+        denom = torch.tensor(float(max(int(mask.sum()), 1)), dtype=torch.float64)
+    elif config.normalization == "sequences":
+        denom = torch.tensor(float(max(nonempty, 1)), dtype=torch.float64)
+    else:
+        total = float(weight.sum())
+        denom = torch.tensor(total if total > 0 else 1.0, dtype=torch.float64)
+    return coef, denom
+
+
+def _tempered_logprobs(x: Tensor, safe_labels: Tensor, mask: Tensor, temperature: float, logp: Tensor) -> Tensor:
+    """log softmax(x/τ)[label] ``[T]`` (0 where masked); ``logp`` itself when τ = 1."""
+    if temperature == 1.0:
+        return logp
+    logsm_t = torch.log_softmax(x.float() / temperature, dim=-1)
+    return torch.where(mask, logsm_t.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
+
+
 def reference_pear_loss(
     logits: Tensor,
     labels: Tensor,
@@ -183,23 +225,44 @@ def reference_pear_loss(
     mask = labels != IGNORE_INDEX
     safe_labels = torch.where(mask, labels, 0)
     logp = torch.where(mask, logsm.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
-    log_w = reference_log_weights(logp, behavior_logprobs.float(), mask, cu_seqlens, config).to(x.device)
-    weight = torch.where(mask, log_w.exp(), 0.0)
-    seq_scale, nonempty = _per_token_sequence_scale(mask.cpu(), cu_seqlens.cpu())
-    coef = weight.double()
-    if config.normalization == "sequences":
-        coef = coef * seq_scale.to(coef.device)
-    if normalizer is not None:
-        denom = torch.as_tensor(normalizer, dtype=torch.float64).detach().to(x.device)
-    elif config.normalization == "tokens":
-        denom = torch.tensor(float(max(int(mask.sum()), 1)), dtype=torch.float64)
-    elif config.normalization == "sequences":
-        denom = torch.tensor(float(max(nonempty, 1)), dtype=torch.float64)
-    else:
-        total = float(weight.sum())
-        denom = torch.tensor(total if total > 0 else 1.0, dtype=torch.float64)
+    logp_w = _tempered_logprobs(x, safe_labels, mask, config.target_temperature, logp)
+    log_w = reference_log_weights(logp_w, behavior_logprobs.float(), mask, cu_seqlens, config).to(x.device)
+    coef, denom = reference_loss_coefficients(log_w, mask, cu_seqlens, config, normalizer)
     loss = (coef.float().to(x.device) * -logp).sum() / denom.float().to(x.device)
     return PearLossOutput(loss=loss, logprobs=logp.detach(), log_weights=log_w, entropy=entropy)
+
+
+def truncated_sampling_warning(behaviors: Iterable[Mapping | None], config: PearConfig) -> str | None:
+    """A warning when PEAR is about to train on data sampled with top-p < 1 or top-k > 0, else None.
+
+    ``behaviors``: the sampling records stored with the data (``meta.behavior`` of each row, written
+    by ``pear_mega.collect``: temperature, top_p, top_k, logprobs_mode, model); None = not recorded.
+
+    Why: under top-p / top-k the stored log πβ(y) is renormalized over the kept tokens,
+    log πβ(y) = log π(y/T) − log(kept mass) (vLLM's processed log-probs), while πθ is a full
+    softmax. Every δ = log πθ − log πβ is shifted by log(kept mass) < 0 (about −0.05 per token at
+    top_p 0.95), and the token and block levels sum δ over the whole suffix: the first tokens of a
+    200-token answer lose ≈ 10 nats of weight for no reason other than the truncation, and sit at
+    the lower ``log_weight_clip``. Nothing is wrong with plain SFT (``level="none"``) on such data.
+    """
+    if config.level == "none":
+        return None
+    seen: dict[tuple, int] = {}
+    for b in behaviors:
+        if not isinstance(b, Mapping):
+            continue
+        top_p, top_k = b.get("top_p", 1.0), b.get("top_k", 0)
+        if (top_p is not None and float(top_p) < 1.0) or (top_k is not None and int(top_k) > 0):
+            key = (b.get("model"), b.get("temperature"), top_p, top_k)
+            seen[key] = seen.get(key, 0) + 1
+    if not seen:
+        return None
+    found = "; ".join(f"{n} rows from model={k[0]!r} temperature={k[1]} top_p={k[2]} top_k={k[3]}"
+                      for k, n in sorted(seen.items(), key=lambda kv: -kv[1]))
+    return (f"PEAR level={config.level!r} trains on data sampled with top-p < 1 or top-k > 0 ({found}): the stored "
+            "behavior log-probs are renormalized over the kept tokens, so every δ = log πθ − log πβ is biased "
+            "low by log(kept mass) and the suffix sums of the weights drift toward the lower clip. Sample the "
+            "behavior data with top_p=1 and top_k=0 (any temperature), or train with pear.level=none.")
 
 
 def weight_stats(
@@ -268,8 +331,10 @@ def pear_loss_eager(
     V = logits.shape[1] if vocab_size is None else vocab_size
     logsm = torch.log_softmax(logits[:, :V].float(), dim=-1)
     mask = labels != IGNORE_INDEX
-    logp = torch.where(mask, logsm.gather(1, torch.where(mask, labels, 0)[:, None]).squeeze(1), 0.0)
-    log_w, inv_count, nonempty = log_weights_torch(logp.detach(), behavior_logprobs, mask, cu_seqlens, config)
+    safe_labels = torch.where(mask, labels, 0)
+    logp = torch.where(mask, logsm.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
+    logp_w = _tempered_logprobs(logits[:, :V], safe_labels, mask, config.target_temperature, logp)
+    log_w, inv_count, nonempty = log_weights_torch(logp_w.detach(), behavior_logprobs, mask, cu_seqlens, config)
     coef = torch.where(mask, log_w.exp(), 0.0)
     if config.normalization == "sequences":
         coef = coef * inv_count

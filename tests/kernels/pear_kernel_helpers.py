@@ -141,8 +141,11 @@ def aot_compile_all(capability: int = 90) -> list[str]:
     for dt in ("fp32", "bf16"):
         for block_t, block_v in ((1, 4096), (1, 8192)):  # the GPU tiles of _row_blocks
             c = {"BLOCK_T": block_t, "BLOCK_V": block_v, "num_warps": 8}
-            variants.append((pt._row_stats_kernel, {"logits_ptr": f"*{dt}", **row, "stats_ptr": "*fp32",
-                                                    "n_valid": "i32", "BLOCK_T": "constexpr", "BLOCK_V": "constexpr"}, c))
+            for with_temp in (False, True):  # target_temperature == 1 / != 1
+                variants.append((pt._row_stats_kernel, {"logits_ptr": f"*{dt}", **row, "stats_ptr": "*fp32",
+                                                        "n_valid": "i32", "inv_temp": "fp32", "BLOCK_T": "constexpr",
+                                                        "BLOCK_V": "constexpr", "WITH_TEMP": "constexpr"},
+                                 {**c, "WITH_TEMP": with_temp}))
             variants.append((pt._grad_kernel, {"logits_ptr": f"*{dt}", **row, "grad_ptr": f"*{dt}", "stride_grad": "i64",
                                                "logz_ptr": "*fp32", "coef_ptr": "*fp32", "V_local": "i32", "n_valid": "i32",
                                                "BLOCK_T": "constexpr", "BLOCK_V": "constexpr"}, c))
