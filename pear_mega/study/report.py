@@ -109,6 +109,9 @@ def _header(results: Mapping, summary: Mapping) -> list[str]:
              f"Arms: {', '.join(results['arms'])} (baseline `{results['baseline']}`) · seeds: "
              f"{', '.join(map(str, results['seeds']))} · k: {', '.join(map(str, results['ks']))} · suites: "
              f"{', '.join(results['suites'])}.", ""]
+    if st.get("config"):
+        lines += ["<details><summary>Resolved configuration</summary>", "", "```json",
+                  json.dumps(_json_safe(st["config"]), indent=1, sort_keys=True), "```", "", "</details>", ""]
     missing = summary["missing"]
     if missing:
         lines.append(f"**Partial study**: {len(missing)} of {len(results['arms']) * len(results['seeds'])} runs "
@@ -132,12 +135,20 @@ def _flat(d: Mapping, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def _cell(v, width: int = 80) -> str:
+    """A table cell: floats to 4 significant digits, None as n/a, long text cut, pipes escaped."""
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else "n/a"
+    text = "n/a" if v is None else str(v)
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _probe(probe: Mapping | None) -> list[str]:
     lines = ["## Probe", ""]
     if not probe:
         return [*lines, "No probe was recorded.", ""]
-    rows = [(k, _f(v) if isinstance(v, float) else str(v)) for k, v in _flat(probe)]
-    return [*lines, *_table(("quantity", "value"), rows), ""]
+    return [*lines, *_table(("quantity", "value"), [(k, _cell(v)) for k, v in _flat(probe)]), ""]
 
 
 def _pass_at_k(results: Mapping, s: Mapping) -> list[str]:
@@ -211,10 +222,13 @@ def _support(results: Mapping, s: Mapping) -> list[str]:
              "A difference is stated only where both the 95 % interval over seeds and the prompt-bootstrap "
              f"interval exclude 0 (each comparison on its own, not adjusted for the {len(post) + len(s['rl_gain_diff'])} "
              "comparisons below); otherwise no difference was detected at this number of seeds and prompts.", ""]
-    for r in post:
-        lines.append("- " + verdict(r, f"`{r['arm']}` vs `{base}`, pass@{r['k']} on {r['suite']} after RL"))
-    for r in s["rl_gain_diff"]:
-        lines.append("- " + verdict(r, f"RL gain of `{r['arm']}` vs `{base}`, pass@{r['k']} on {r['suite']}"))
+    bullets = [verdict(r, f"`{r['arm']}` vs `{base}`, pass@{r['k']} on {r['suite']} after RL") for r in post]
+    bullets += [verdict(r, f"RL gain of `{r['arm']}` vs `{base}`, pass@{r['k']} on {r['suite']}")
+                for r in s["rl_gain_diff"]]
+    if bullets:
+        claimed = sum("**higher**" in b or "**lower**" in b for b in bullets)
+        lines += [f"Comparisons with a difference by this rule: {claimed} of {len(bullets)}.", ""]
+    lines += [f"- {b}" for b in bullets]
     if not post and not s["rl_gain_diff"]:
         lines.append("- No post-RL comparison is available: nothing is claimed.")
     if s["missing"]:
@@ -270,9 +284,11 @@ def plot_pass_at_k(results: Mapping, s: Mapping, path: Path) -> None:
                 ax.bar(x + off, [v[0] for v in e], 0.4, yerr=[[v[1] for v in e], [v[2] for v in e]], capsize=3,
                        label=f"{ph} RL")
             ax.set_xticks(x, arms)
-            ax.set_ylim(0, 1.05)
+            ax.set_ylim(0, 1.3)  # room above 1 for the legend and for t-intervals, which are not clipped
+            ax.axhline(1.0, color="grey", linewidth=0.5)
             ax.set_title(f"{suite}: pass@{k}", fontsize=9)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", ncols=2)
+    fig.suptitle("pass@k, mean over seeds (error bars: 95 % t-interval over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -182,6 +182,10 @@ def check_results(results: Mapping) -> None:
                       ("suites", list), ("runs", list)):
         if not isinstance(results.get(key), kind):
             raise ValueError(f"results[{key!r}] must be a {kind.__name__}, got {type(results.get(key)).__name__}")
+    for key in ("seeds", "ks"):
+        bad = [v for v in results[key] if not isinstance(v, int) or isinstance(v, bool) or (key == "ks" and v < 1)]
+        if bad:
+            raise ValueError(f"results[{key!r}] must hold {'positive ' if key == 'ks' else ''}integers, got {bad}")
     if results["baseline"] not in results["arms"]:
         raise ValueError(f"results['baseline'] = {results['baseline']!r} is not one of results['arms'] {results['arms']}")
     seen = set()
@@ -191,6 +195,8 @@ def check_results(results: Mapping) -> None:
             raise ValueError(f"{where}: needs 'arm' and 'seed'")
         if run["arm"] not in results["arms"]:
             raise ValueError(f"{where}: arm {run['arm']!r} is not one of results['arms'] {results['arms']}")
+        if run["seed"] not in results["seeds"]:
+            raise ValueError(f"{where}: seed {run['seed']!r} is not one of results['seeds'] {results['seeds']}")
         if _run_key(run) in seen:
             raise ValueError(f"{where}: arm {run['arm']!r} seed {run['seed']} appears twice")
         seen.add(_run_key(run))

@@ -54,7 +54,7 @@ def test_report_from_fixture(tmp_path, results):
     assert saved["runs"] == results["runs"] and saved["study"] == results["study"]  # the input, unchanged
     md = paths["report.md"].read_text()
     assert "python -m pear_mega.study --recipe tiny_fixture" in md and "`0123abc`" in md and "2-core CPU" in md
-    assert "| ess_fraction | 0.610 |" in md  # probe
+    assert "| ess_fraction | 0.61 |" in md  # probe
     assert "All 6 runs (arms × seeds) are complete." in md
 
     # pass@1 after RL, per arm, with the seed interval

@@ -154,6 +154,10 @@ def test_bad_results_are_refused_naming_the_key():
         stats.summarize(bad)
     with pytest.raises(ValueError, match=r"results\['baseline'\]"):
         stats.summarize({**_study(CORRECT), "baseline": "sequence"})
+    with pytest.raises(ValueError, match=r"results\['runs'\]\[0\]: seed 5 is not one of results\['seeds'\]"):
+        stats.summarize({**_study(CORRECT), "runs": [{**bad["runs"][0], "arm": "none", "seed": 5}]})
+    with pytest.raises(ValueError, match=r"results\['ks'\] must hold positive integers, got \[0\]"):
+        stats.summarize({**_study(CORRECT), "ks": [1, 0]})
     with pytest.raises(ValueError, match=r"k=3 needs 1 <= k <= n=2"):
         stats.summarize(_study(CORRECT, ks=(1, 3)))
     uneven = dict(CORRECT)
