@@ -67,8 +67,6 @@ def update_alignment(
     Returns ``{"overall": float, "per_kind": {kind: float}}`` (kinds present in the model only, plus
     ``"norms"``: ``{"sft": ‖a‖, "rl": ‖b‖}`` overall, to read the cosine with the update sizes).
     """
-    import torch
-
     from pear_mega.models.checkpoint import SafetensorsReader
 
     dirs = {"init": Path(init_hf_dir), "sft": Path(sft_hf_dir), "rl": Path(rl_hf_dir)}
@@ -89,20 +87,32 @@ def update_alignment(
         if not (init.shape == sft.shape == rl.shape):
             raise ValueError(f"update_alignment: tensor {name!r} has shapes init {tuple(init.shape)}, "
                              f"sft {tuple(sft.shape)}, rl {tuple(rl.shape)}")
-        sft64 = sft.to(torch.float64)
-        a = sft64 - init.to(torch.float64)
-        b = rl.to(torch.float64) - sft64
         acc = sums.setdefault(kind, [0.0, 0.0, 0.0])
-        acc[0] += float((a * b).sum())
-        acc[1] += float((a * a).sum())
-        acc[2] += float((b * b).sum())
-        del init, sft, rl, sft64, a, b
+        for i, v in enumerate(_update_sums(init, sft, rl)):
+            acc[i] += v
+        del init, sft, rl
     total = [sum(v[i] for v in sums.values()) for i in range(3)]
     return {
         "overall": _cosine(*total),
         "per_kind": {kind: _cosine(*sums[kind]) for kind in KINDS if kind in sums},
         "norms": {"sft": math.sqrt(total[1]), "rl": math.sqrt(total[2])},
     }
+
+
+def _update_sums(init, sft, rl, chunk: int = 1 << 22) -> tuple[float, float, float]:
+    """``(Σ a·b, Σ a², Σ b²)`` with ``a = sft − init``, ``b = rl − sft`` over one tensor, in float64 chunks
+    of ``chunk`` elements (a 150k × 1536 embedding would need ~9 GB of float64 temporaries at once)."""
+    import torch
+
+    flat = [t.reshape(-1) for t in (init, sft, rl)]
+    ab = aa = bb = 0.0
+    for start in range(0, flat[0].numel(), chunk):
+        i0, s0, r0 = (t[start:start + chunk].to(torch.float64) for t in flat)
+        a, b = s0 - i0, r0 - s0
+        ab += float(torch.dot(a, b))
+        aa += float(torch.dot(a, a))
+        bb += float(torch.dot(b, b))
+    return ab, aa, bb
 
 
 def _cosine(ab: float, aa: float, bb: float) -> float:

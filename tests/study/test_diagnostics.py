@@ -124,6 +124,15 @@ def test_update_alignment_refuses_mismatched_checkpoints(tmp_path):
     assert json.loads((init_d / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_update_sums_in_chunks():
+    g = torch.Generator().manual_seed(1)
+    init, sft, rl = (torch.randn(5, 7, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    a, b = sft.double() - init.double(), rl.double() - sft.double()
+    expected = (float((a * b).sum()), float((a * a).sum()), float((b * b).sum()))
+    for chunk in (1, 6, 35, 1000):  # ragged last chunk, exact fit, one chunk
+        assert diagnostics._update_sums(init, sft, rl, chunk=chunk) == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("name, kind", [
     ("model.embed_tokens.weight", "embedding"), ("lm_head.weight", "lm_head"), ("model.norm.weight", "norm"),
     ("model.layers.3.input_layernorm.weight", "norm"), ("model.layers.0.post_attention_layernorm.weight", "norm"),
