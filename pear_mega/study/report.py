@@ -220,8 +220,8 @@ def _support(results: Mapping, s: Mapping) -> list[str]:
     post = [r for r in s["paired_diff"] if r["phase"] == "post"]
     lines = ["## What the intervals support", "",
              "A difference is stated only where both the 95 % interval over seeds and the prompt-bootstrap "
-             f"interval exclude 0 (each comparison on its own, not adjusted for the {len(post) + len(s['rl_gain_diff'])} "
-             "comparisons below); otherwise no difference was detected at this number of seeds and prompts.", ""]
+             "interval exclude 0 (each comparison on its own, not adjusted for the number of comparisons); "
+             "otherwise no difference was detected at this number of seeds and prompts.", ""]
     bullets = [verdict(r, f"`{r['arm']}` vs `{base}`, pass@{r['k']} on {r['suite']} after RL") for r in post]
     bullets += [verdict(r, f"RL gain of `{r['arm']}` vs `{base}`, pass@{r['k']} on {r['suite']}")
                 for r in s["rl_gain_diff"]]
@@ -269,9 +269,13 @@ def _err(r: Mapping | None) -> tuple[float, float, float]:
     return r["mean"], r["mean"] - lo, hi - r["mean"]
 
 
-def plot_pass_at_k(results: Mapping, s: Mapping, path: Path) -> None:
-    """Bars of pass@k per arm, pre and post RL, with the 95 % seed interval; one panel per suite × k."""
+def plot_pass_at_k(results: Mapping, s: Mapping, path: Path) -> bool:
+    """Bars of pass@k per arm, pre and post RL, with the 95 % seed interval; one panel per suite × k.
+    False when no run has an evaluation."""
     import numpy as np
+
+    if not s["pass_at_k"]:
+        return False
 
     arms, ks, suites = results["arms"], results["ks"], results["suites"]
     fig, axes = _figure(len(suites), len(ks), w=max(3.5, 1.1 * len(arms) + 1.5))
@@ -291,6 +295,7 @@ def plot_pass_at_k(results: Mapping, s: Mapping, path: Path) -> None:
     fig.suptitle("pass@k, mean over seeds (error bars: 95 % t-interval over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def plot_curves(results: Mapping, history: str, keys: Sequence[str], title: str, path: Path) -> bool:
@@ -359,8 +364,8 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    paths["pass_at_k.png"] = out / "pass_at_k.png"
-    plot_pass_at_k(results, summary["stats"], paths["pass_at_k.png"])
+    if plot_pass_at_k(results, summary["stats"], out / "pass_at_k.png"):
+        paths["pass_at_k.png"] = out / "pass_at_k.png"
     for name, history, keys, title in CURVES:
         if plot_curves(results, history, keys, title, out / name):
             paths[name] = out / name

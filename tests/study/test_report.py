@@ -131,6 +131,15 @@ def test_single_run_study_renders(tmp_path, results):
     assert "**higher**" not in md and "**lower**" not in md
 
 
+def test_study_without_finished_runs_renders(tmp_path, results):
+    results["runs"] = []
+    paths = write_report(results, tmp_path)
+    assert sorted(paths) == ["report.md", "results.json"]  # no empty plots
+    md = paths["report.md"].read_text()
+    assert "**Partial study**: 6 of 6 runs are missing" in md and "- arm `token` seed 1: missing run" in md
+    assert "No post-RL comparison is available: nothing is claimed." in md
+
+
 def test_malformed_results_are_refused_before_writing(tmp_path, results):
     results["runs"][0]["arm"] = "blocks"
     with pytest.raises(ValueError, match=r"results\['runs'\]\[0\]: arm 'blocks'"):
