@@ -113,6 +113,8 @@ class SamplingConfig:
     """Samples per prompt."""
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off, vLLM's convention)."""
     max_tokens: int = 256
 
     def __post_init__(self):
@@ -123,6 +125,8 @@ class SamplingConfig:
                              f"to store), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if self.max_tokens < 1:
             raise ValueError(f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -218,11 +222,11 @@ def generate(llm, tokenizer, prompts: list[dict], sampling: SamplingConfig, *, b
         if len(ids) >= limit:
             raise ValueError(f"prompt {i} has {len(ids)} tokens, at least max_model_len={limit}")
     params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_tokens=sampling.max_tokens, logprobs=0,
+                            top_k=sampling.top_k, max_tokens=sampling.max_tokens, logprobs=0,
                             stop_token_ids=[eot] if eot is not None else None)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=False)
-    behavior_meta = {"model": behavior, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                     "max_tokens": sampling.max_tokens, "logprobs_mode": LOGPROBS_MODE}
+    behavior_meta = behavior_record(behavior, sampling.temperature, sampling.top_p, sampling.top_k, LOGPROBS_MODE,
+                                    max_tokens=sampling.max_tokens)
     report, rows = CollectReport(), []
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         for j, completion in enumerate(out.outputs):
@@ -257,6 +261,16 @@ def generate(llm, tokenizer, prompts: list[dict], sampling: SamplingConfig, *, b
             rows.append(row)
     report.rows = len(rows)
     return rows, report
+
+
+def behavior_record(model: str, temperature: float, top_p: float, top_k: int, logprobs_mode: str, **extra) -> dict:
+    """The sampling parameters stored with every collected row (``meta.behavior``): what the stored
+    log-probs are the log-probs *of*. PEAR compares πθ with this distribution; under top_p < 1 or
+    top_k > 0 the log-probs are renormalized over the kept tokens (``pear.truncated_sampling_warning``).
+    ``logprobs_mode``: vLLM's "processed_logprobs" for sampled tokens, "prompt_logprobs" for scored
+    ones (raw logits, temperature 1)."""
+    return {"model": model, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "logprobs_mode": logprobs_mode, **extra}
 
 
 def _check_logprobs_mode(llm) -> None:
@@ -341,7 +355,8 @@ def score(llm, tokenizer, rows: list[dict], *, file: str = "<rows>", temperature
             else:
                 row["messages"][i]["token_ids"], row["messages"][i]["logprobs"] = ids, lps
         row.setdefault("meta", {})
-        row["meta"] = {**(row["meta"] or {}), "behavior": {"model": behavior, "temperature": 1.0, "scored": True}}
+        row["meta"] = {**(row["meta"] or {}),
+                       "behavior": behavior_record(behavior, 1.0, 1.0, 0, "prompt_logprobs", scored=True)}
         _loads(tokenizer, row, index)  # raises if the written row would not load
         scored.append(row)
     report.rows = len(scored)

@@ -232,11 +232,12 @@ def reference_pear_loss(
     return PearLossOutput(loss=loss, logprobs=logp.detach(), log_weights=log_w, entropy=entropy)
 
 
-def truncated_sampling_warning(behaviors: Iterable[Mapping | None], config: PearConfig) -> str | None:
+def truncated_sampling_warning(behaviors: Iterable[tuple[Mapping | None, int]], config: PearConfig) -> str | None:
     """A warning when PEAR is about to train on data sampled with top-p < 1 or top-k > 0, else None.
 
-    ``behaviors``: the sampling records stored with the data (``meta.behavior`` of each row, written
-    by ``pear_mega.collect``: temperature, top_p, top_k, logprobs_mode, model); None = not recorded.
+    ``behaviors``: (sampling record, number of rows) pairs; a record is the ``meta.behavior`` stored
+    with each row by ``pear_mega.collect`` (model, temperature, top_p, top_k, logprobs_mode); None =
+    not recorded.
 
     Why: under top-p / top-k the stored log πβ(y) is renormalized over the kept tokens,
     log πβ(y) = log π(y/T) − log(kept mass) (vLLM's processed log-probs), while πθ is a full
@@ -248,13 +249,13 @@ def truncated_sampling_warning(behaviors: Iterable[Mapping | None], config: Pear
     if config.level == "none":
         return None
     seen: dict[tuple, int] = {}
-    for b in behaviors:
+    for b, rows in behaviors:
         if not isinstance(b, Mapping):
             continue
         top_p, top_k = b.get("top_p", 1.0), b.get("top_k", 0)
         if (top_p is not None and float(top_p) < 1.0) or (top_k is not None and int(top_k) > 0):
             key = (b.get("model"), b.get("temperature"), top_p, top_k)
-            seen[key] = seen.get(key, 0) + 1
+            seen[key] = seen.get(key, 0) + rows
     if not seen:
         return None
     found = "; ".join(f"{n} rows from model={k[0]!r} temperature={k[1]} top_p={k[2]} top_k={k[3]}"

@@ -62,6 +62,9 @@ class DataStats:
     loss_tokens: int = 0
     packs: int = 0
     pad_tokens: int = 0
+    behaviors: dict[str, int] = field(default_factory=dict)
+    """Loaded rows per distinct sampling record (``meta.behavior`` as sorted JSON, written by
+    ``pear_mega.collect``): what the stored log-probs are the log-probs of."""
 
     def skip(self, reason: str, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1

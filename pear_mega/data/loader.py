@@ -17,6 +17,7 @@ contents) and allows a different ``dp_size`` when ``consumed`` divides evenly.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -64,6 +65,10 @@ def load_examples(cfg: DataConfig, tokenizer=None) -> tuple[list[TokenizedExampl
             stats.truncated += int(example.truncated)
             stats.tokens += len(example)
             stats.loss_tokens += example.num_loss_tokens
+            behavior = (row.get("meta") or {}).get("behavior") if isinstance(row.get("meta"), dict) else None
+            if isinstance(behavior, dict):
+                key = json.dumps(behavior, sort_keys=True, default=str)
+                stats.behaviors[key] = stats.behaviors.get(key, 0) + 1
             examples.append(example)
     stats.examples = len(examples)
     if stats.skipped:

@@ -117,8 +117,16 @@ class RolloutSettings:
     """Engine dtype; '' = the model's (float32 on CPU, bfloat16 on GPU)."""
     kv_cache_gib: float = 1.0
     """CPU: KV cache size (vLLM's kv_cache_memory_bytes)."""
-    gpu_memory_utilization: float = 0.3
-    """GPU: share of the device vLLM may take (the trainer lives on the same GPU)."""
+    gpu_memory_utilization: float = 0.0
+    """GPU: share of the device vLLM may take (the trainer lives on the same GPU); 0 = the largest
+    share the memory plan leaves (``pear_mega.plan.plan_rl``). A given share is checked against the
+    plan before anything is built."""
+    offload_optimizer: bool = False
+    """GPU, bf16: keep the optimizer state (fp32 main params, Adam moments) in host memory while the
+    engine is awake (megatron's ``offload_to_cpu`` / ``restore_from_cpu`` around each update)."""
+    sleep_level: int = 1
+    """GPU: vLLM sleep level between rollouts. 1: weights copied to pinned host memory and back;
+    2: weights discarded (every wake is preceded by a full refit, so nothing is lost)."""
     max_num_seqs: int = 128
     enforce_eager: bool = True
     num_threads: int = 0
@@ -159,8 +167,11 @@ class RolloutSettings:
                              f"got {self.num_engines}")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0 <= self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in [0, 1] (0 = from the memory plan), "
+                             f"got {self.gpu_memory_utilization}")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"rollout.sleep_level must be 1 or 2, got {self.sleep_level}")
         if self.num_threads < 0 or self.engine_threads < 0 or self.engine_seed < 0:
             raise ValueError("rollout.num_threads, rollout.engine_threads and rollout.engine_seed must be >= 0")
 
@@ -266,8 +277,9 @@ class LoggingConfig:
     tensorboard_dir: str = ""
     """TensorBoard event directory ('' = none)."""
     progress_bar: bool = True
-    update_sparsity: bool = True
-    """Track per-step / cumulative update sparsity and drift (two fp32 copies of the parameters)."""
+    update_sparsity: bool | None = None
+    """Track per-step / cumulative update sparsity and drift (two fp32 copies of the parameters,
+    +8 bytes per parameter on the device); None = on CPU only."""
     sparsity_tol: float = 0.0
     """A parameter counts as changed when |Δ| > this."""
     kl_to_init: bool = True
@@ -309,6 +321,10 @@ class RLConfig:
         if self.algorithm.grpo.group_size != self.rollout.n and self.rollout.n >= 2:
             object.__setattr__(self, "algorithm", replace(
                 self.algorithm, grpo=replace(self.algorithm.grpo, group_size=self.rollout.n)))
+        if self.rollout.offload_optimizer and self.model.dtype != "bfloat16":
+            # megatron's fp32 optimizer steps the model's own parameters: offloading would move the model
+            raise ValueError("rollout.offload_optimizer needs model.dtype=bfloat16 (fp32 main params apart from "
+                             f"the model's), got model.dtype={self.model.dtype!r}")
         policy = self.algorithm.policy
         if policy.overlong_mode == "soft_penalty" and policy.overlong_buffer > self.rollout.max_tokens:
             raise ValueError(f"algorithm.{self.algorithm.name}.overlong_buffer ({policy.overlong_buffer}) must be "

@@ -103,9 +103,15 @@ def llama3_70b_grpo() -> RLConfig:
 
     Rollouts: four vLLM engines of tensor parallel size 8, one per node, inside the trainer
     processes (``pear_mega.rl.engine_group``); each samples a quarter of the prompts. The engines
-    sleep during training (weights offloaded to host memory, KV cache freed), each refit
-    broadcasts the full bf16 HF tensors (~141 GB in 1 GiB buckets) to every rank, and every
-    engine is verified against the trainer on probe prompts every 10 steps. Launch with
+    sleep during training at level 2 (weights discarded, KV cache freed: every wake follows a
+    refit), each refit broadcasts the full bf16 HF tensors (~141 GB in 1 GiB buckets) to every
+    rank, and every engine is verified against the trainer on probe prompts every 10 steps.
+
+    Memory (``python -m pear_mega.plan --recipe llama3_70b_grpo --gpus 32 --gpu-mem-gib 79.1``):
+    with DP = 1 the optimizer state is 25.4 GiB per GPU, so it lives in host memory while the
+    engine is awake (``rollout.offload_optimizer``); no reference model is kept (the KL coefficient
+    is 0 and ``logging.kl_to_init`` is off); the engine's share of the GPU is the largest the plan
+    leaves (``rollout.gpu_memory_utilization=0``), checked again on the device at start-up. Launch with
     ``torchrun --nnodes 4 --nproc-per-node 8 -m pear_mega.train_rl --recipe llama3_70b_grpo``
     (the rendezvous flags of ``examples/pear_70b.sh``). Not run: no GPU cluster was available.
     """
@@ -114,8 +120,8 @@ def llama3_70b_grpo() -> RLConfig:
         model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True),
         task=TaskConfig(source="jsonl", prompts_file="/data/rl/math_train.jsonl", num_shots=0, seed=0),
         rollout=RolloutSettings(prompts_per_step=64, n=16, temperature=1.0, max_tokens=4096, max_model_len=6144,
-                                gpu_memory_utilization=0.5, enforce_eager=False, tensor_parallel_size=8,
-                                num_engines=0),
+                                gpu_memory_utilization=0.0, offload_optimizer=True, sleep_level=2,
+                                enforce_eager=False, tensor_parallel_size=8, num_engines=0),
         algorithm=AlgorithmConfig(
             name="grpo", minibatches=4,
             grpo=GRPOConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, tis_cap=2.0, dynamic_sampling=True,
@@ -126,5 +132,6 @@ def llama3_70b_grpo() -> RLConfig:
         train=TrainConfig(steps=500, seq_length=8192),
         refit=RefitConfig(tol=1.0, verify_interval=10, bucket_mb=1024),
         checkpoint=CheckpointConfig(dir="/checkpoints/llama3_70b_grpo", save_interval=20),
-        logging=LoggingConfig(tensorboard_dir="/checkpoints/llama3_70b_grpo/tb", update_sparsity=False),
+        logging=LoggingConfig(tensorboard_dir="/checkpoints/llama3_70b_grpo/tb", update_sparsity=False,
+                              kl_to_init=False),
     )

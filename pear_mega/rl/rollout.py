@@ -30,9 +30,10 @@ stale weights and log-probs are off by up to tens of nats. The prefix cache is r
 refit (its KV entries were computed with the old weights).
 
 GPU path (``enable_sleep_mode``, on by default when CUDA is present): ``sleep()`` after rollout
-releases the KV cache and offloads weights (level 1); ``update_weights`` wakes the weights only,
-refits, then wakes the KV cache, so the KV cache and the incoming tensors never coexist with the
-old ones. **Not checked on GPU**: the vLLM GPU wheel cannot be installed on the machines this
+releases the KV cache and offloads weights (level 1) or discards them (level 2: the refit rewrites
+every weight anyway, and no pinned host copy of the model is made; sampling before a refit is an
+error); ``update_weights`` wakes the weights only, refits, then wakes the KV cache, so the KV cache
+and the incoming tensors never coexist with the old ones. **Not checked on GPU**: the vLLM GPU wheel cannot be installed on the machines this
 project was tested on; the calls follow ``vllm/entrypoints/llm.py`` of vLLM 0.32.
 """
 
@@ -620,6 +621,10 @@ class RolloutEngine:
 
     def _wake_all(self) -> None:
         if self.sleeping:
+            if self.config.sleep_level == 2:
+                # level 2 discarded the weights: waking would sample from uninitialized memory
+                raise RuntimeError("RolloutEngine: the engine slept at level 2 (weights discarded); refit it with "
+                                   "update_weights before sampling or scoring")
             self.llm.wake_up()
             self.sleeping = False
 

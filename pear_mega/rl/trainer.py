@@ -146,6 +146,7 @@ class RLTrainer:
         self.is_rank0 = self.ctx.rank == 0
         self.dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.arch = ModelArch.from_hf(cfg.model.hf_path)
+        self.engine_utilization = self._memory_plan()
         self.pad_id = int(self.arch.hf_config.get("pad_token_id") or 0)
         self.is_ppo = cfg.algorithm.name == "ppo"
         self.tp_group = self.ctx.tp_group if self.ctx.tp_size > 1 else None
@@ -186,13 +187,15 @@ class RLTrainer:
             self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s,
             engine_threads=ro.engine_threads)
         self.staging = self._refit_staging()
+        self._offload_optimizers()  # before vLLM measures the free memory
         probes = self.rollout.on_hosts(self._start_engine)
         if ro.num_threads and self.rollout.hosts_engine:
             # the one place it is applied: on_hosts puts back the threads it found, after the engine's start
             torch.set_num_threads(ro.num_threads)
         self.probe_seqs = [RolloutSequence(-1, p, r, [0.0] * len(r), 0.0, 0.0) for p, r in zip(*probes)]
         self.snapshot = None
-        if cfg.logging.update_sparsity:
+        self.weights_discarded = False
+        if cfg.logging.update_sparsity or (cfg.logging.update_sparsity is None and not use_gpu()):
             self.snapshot = self._param_snapshot(ps.get_model_parallel_group(), resumed=resumed_from is not None)
         if resumed_from is not None:
             self._print(f"resumed from {resumed_from} at step {self.step}")
@@ -203,6 +206,28 @@ class RLTrainer:
                                      cfg.logging.progress_bar, initial_step=self.step, desc=cfg.name)
 
     # ------------------------------------------------------------------ construction
+    def _memory_plan(self) -> float:
+        """GPU: the RL memory plan of this run on this device (``pear_mega.plan.check_rl_plan``:
+        ValueError with the numbers when it does not fit) and the engine's memory share from it.
+        CPU: the configured share (unused there)."""
+        if not use_gpu():
+            return self.cfg.rollout.gpu_memory_utilization or 0.3
+        from pear_mega.plan import Shape, check_rl_plan
+
+        total = torch.cuda.get_device_properties(self.ctx.device).total_memory
+        plan = check_rl_plan(self.cfg, Shape.from_hf(self.arch.hf_config), self.ctx.world_size, total)
+        return plan["utilization"]
+
+    def _optimizers(self) -> list:
+        return [self.optimizer] + ([self.critic_optimizer] if self.is_ppo else [])
+
+    def _offload_optimizers(self) -> None:
+        """``rollout.offload_optimizer`` (GPU, bf16 params with fp32 main params): the optimizer state
+        to host memory while the engine is awake. Not checked on GPU."""
+        if self.cfg.rollout.offload_optimizer and use_gpu():
+            for optimizer in self._optimizers():
+                optimizer.offload_to_cpu()
+
     def _build_model(self, hf_path: str):
         from pear_mega.models import build_gpt_model, load_hf_checkpoint
 
@@ -265,7 +290,8 @@ class RLTrainer:
         ro, cfg = self.cfg.rollout, self.cfg
         config = RolloutConfig(
             model=cfg.model.hf_path, dtype=ro.dtype or cfg.model.dtype, max_model_len=ro.max_model_len,
-            gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_bytes=int(ro.kv_cache_gib * (1 << 30)),
+            gpu_memory_utilization=self.engine_utilization, sleep_level=ro.sleep_level,
+            kv_cache_bytes=int(ro.kv_cache_gib * (1 << 30)),
             seed=ro.engine_seed, max_num_seqs=ro.max_num_seqs, enforce_eager=ro.enforce_eager,
             tensor_parallel_size=ro.tensor_parallel_size,
             keep_freed_memory=ro.keep_freed_memory,
@@ -310,7 +336,11 @@ class RLTrainer:
             metrics["timing/generation"] = time.perf_counter() - start - metrics["timing/reward"]
             return seqs, metrics, {"prompts": self.source.state_dict()}
 
+        if self.weights_discarded:  # sleep level 2 and no update since the last rollout: refit first
+            self.sync_weights()
         seqs, metrics, self.data_state = self.rollout.on_hosts(work)
+        # every rank knows: on GPU the engines sleep after each rollout; level 2 drops their weights
+        self.weights_discarded = use_gpu() and self.cfg.rollout.sleep_level == 2
         return seqs, metrics
 
     # ------------------------------------------------------------------ forward passes
@@ -477,7 +507,17 @@ class RLTrainer:
                 pack["returns"] = scatter_to_pack(pack, exp.returns)
 
     def update(self, seqs: list[RolloutSequence], exp: Experience) -> dict[str, float]:
-        """``ppo_epochs x minibatches`` optimizer steps of the policy (and the critic for PPO)."""
+        """``ppo_epochs x minibatches`` optimizer steps of the policy (and the critic for PPO); with
+        ``rollout.offload_optimizer`` the optimizer state is on the device only in between."""
+        if self.cfg.rollout.offload_optimizer and use_gpu():
+            for optimizer in self._optimizers():
+                optimizer.restore_from_cpu()
+        try:
+            return self._update(seqs, exp)
+        finally:
+            self._offload_optimizers()
+
+    def _update(self, seqs: list[RolloutSequence], exp: Experience) -> dict[str, float]:
         algo = self.cfg.algorithm
         collected: list[dict[str, float]] = []
         for epoch in range(algo.ppo_epochs):
@@ -595,6 +635,7 @@ class RLTrainer:
         from pear_mega.models import iter_hf_tensors
 
         start = time.perf_counter()
+        self.weights_discarded = False
         tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, broadcast_groups=self.rollout.broadcast_groups,
                                   staging=self.staging)
 

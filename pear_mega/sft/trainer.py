@@ -21,8 +21,10 @@ every forward, which megatron's schedule does not offer.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from pear_mega.checkpointing import latest_checkpoint, latest_step, load_checkpo
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
 from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
-from pear_mega.pear import IGNORE_INDEX
+from pear_mega.pear import IGNORE_INDEX, truncated_sampling_warning
 from pear_mega.sft.config import SFTConfig
 
 # Order of the per-step summed statistics (one float64 tensor, reduced with a single all_reduce).
@@ -93,6 +95,10 @@ class SFTTrainer:
         )
         if self.ctx.rank == 0:
             print(f"data: {self.data.stats.summary()}", flush=True)
+            warning = truncated_sampling_warning(
+                ((json.loads(k), n) for k, n in self.data.stats.behaviors.items()), cfg.pear)
+            if warning:
+                warnings.warn(warning, stacklevel=1)
         self.step = 0
         self.bad_streak = 0
         if cfg.checkpoint.dir and cfg.checkpoint.resume:

@@ -98,6 +98,8 @@ def test_generate_logprobs_are_the_tempered_sampling_distribution(hf, tokenizer,
     for row in rows:
         msg = row["messages"][-1]
         assert row["meta"]["behavior"]["temperature"] == T and row["meta"]["task"] == "basic_arithmetic"
+        assert row["meta"]["behavior"] == {"model": "smollm2", "temperature": T, "top_p": 1.0, "top_k": 0,
+                                           "logprobs_mode": "processed_logprobs", "max_tokens": 12}
         if row["meta"]["finish_reason"] == "stop":  # the model ended its turn: the token is stored
             assert msg["token_ids"][-1] == im_end
         stored, ref, n = stored_vs_hf(tokenizer, hf, row, temperature=T)
@@ -150,7 +152,8 @@ def test_score_matches_hf(llm, hf, tokenizer):
     ]
     scored, report = score(llm, tokenizer, rows, behavior="smollm2")
     assert report.rows == 2
-    assert scored[0]["meta"] == {"id": 1, "behavior": {"model": "smollm2", "temperature": 1.0, "scored": True}}
+    assert scored[0]["meta"] == {"id": 1, "behavior": {"model": "smollm2", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                                                       "logprobs_mode": "prompt_logprobs", "scored": True}}
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert scored[0]["response_token_ids"] == tokenizer("Answer: 5", add_special_tokens=False)["input_ids"] + [im_end]
     assert [m.get("token_ids", [None])[-1] for m in scored[1]["messages"]] == [None, None, im_end, None, im_end]

@@ -143,8 +143,8 @@ def test_truncated_sampling_warning():
     nucleus = {**full, "top_p": 0.95}
     topk = {**full, "top_k": 20}
     token = PearConfig(level="token")
-    assert truncated_sampling_warning([full, None, {}], token) is None
-    msg = truncated_sampling_warning([full, nucleus, nucleus, topk], token)
-    assert "2 rows from model='m' temperature=0.7 top_p=0.95 top_k=0" in msg
+    assert truncated_sampling_warning([(full, 5), (None, 2), ({}, 1)], token) is None
+    msg = truncated_sampling_warning([(full, 5), (nucleus, 2), (topk, 1), (nucleus, 1)], token)
+    assert "3 rows from model='m' temperature=0.7 top_p=0.95 top_k=0" in msg
     assert "1 rows from model='m' temperature=0.7 top_p=1.0 top_k=20" in msg
-    assert truncated_sampling_warning([nucleus], PearConfig(level="none")) is None
+    assert truncated_sampling_warning([(nucleus, 3)], PearConfig(level="none")) is None
