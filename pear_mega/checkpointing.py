@@ -9,11 +9,28 @@ Layout of a run's checkpoint directory::
         pear_mega.json, hf/   # model metadata (HF config, TP/PP, padded vocab): pear_mega.models
         trainer_state.json    # human-readable run metadata: step, resolved config
 
-Inside a checkpoint the sharded state dict is ``{"model": ..., "optimizer": ..., "scheduler":
-..., "rng": ShardedObject per rank, "data": ShardedObject per rank, "step": int}``. The model part
-is written by ``pear_mega.models.save_checkpoint`` under megatron's own sharded keys, so a checkpoint saved at one TP/PP loads at another (resharding
-is megatron's), and ``tools/convert_hf.py export`` reads the model part of a training checkpoint
-as well as of a converted one.
+Inside a checkpoint the sharded state dict is ``{"model": ..., "optimizer": ...}``: the model
+part is written by ``pear_mega.models.save_checkpoint`` under megatron's own sharded keys and the
+optimizer state in model-parameter space (megatron's ``fully_reshardable`` format), so both load
+at any TP/PP/DP (resharding is megatron's), and ``tools/convert_hf.py export`` reads the model
+part of a training checkpoint as well as of a converted one. The rest is pear-mega's own and
+needs no pickle:
+
+- ``trainer_state.json``: step, the LR schedule (megatron's scheduler state), the data position
+  (identical on every rank: one global count, so it carries over to any DP size exactly), the
+  layout the checkpoint was written at, and the resolved config.
+- ``rng/pp{P}_tp{T}_cp{C}_dp{D}.safetensors``: every RNG of that rank as tensors (python, numpy,
+  torch, megatron's tracker). Restored where the layout is the one saved; at another layout each
+  rank re-derives its RNGs from ``parallel.seed``, the step and its coordinates (deterministic)
+  and rank 0 says so.
+
+Resume at another layout: model and optimizer are resharded by megatron, the data position is
+exact, the RNG is re-derived. Changed schedule settings (``optim.lr``, ``min_lr``,
+``warmup_steps``, ``decay_style``, ``weight_decay``, ``train.steps``) win over the checkpoint's and
+are printed old -> new, unless ``checkpoint.keep_schedule`` keeps the stored schedule.
+
+Non-finite parameters are never saved: ``save_checkpoint`` checks them first (every rank, one
+all-reduce) and refuses, so "the last good checkpoint" is one whose weights were finite.
 
 Atomicity: every rank writes into ``iter_N.tmp``; after a barrier rank 0 renames it to ``iter_N``
 and then replaces ``latest`` (write-to-temp + ``os.replace``, both atomic on POSIX). A crash at any
@@ -24,6 +41,7 @@ removed on the next save.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -33,6 +51,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pear_mega.optim import TrainingStopped
 
 LATEST = "latest"
 TRAINER_META = "trainer_state.json"
@@ -60,67 +80,130 @@ def latest_step(ckpt_dir: str | os.PathLike) -> int:
     return int(path.name.split("_")[1]) if path is not None else -1
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG a step can touch: python, numpy, torch CPU, megatron's model-parallel tracker."""
+RNG_DIR = "rng"
+# json keys of trainer_state.json
+_LAYOUT_KEYS = ("tp", "pp", "cp", "dp")
+
+
+def layout_of(ctx) -> dict[str, int]:
+    """The TP/PP/CP/DP sizes of a run (stored with every checkpoint)."""
+    return {"tp": ctx.tp_size, "pp": ctx.pp_size, "cp": ctx.cp_size, "dp": ctx.dp_size}
+
+
+def _rng_file(ctx) -> str:
+    return f"pp{ctx.pp_rank}_tp{ctx.tp_rank}_cp{ctx.cp_rank}_dp{ctx.dp_rank}.safetensors"
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """Every RNG a step can touch as flat tensors: python, numpy, torch CPU, megatron's tracker (and CUDA)."""
     from megatron.core import tensor_parallel
 
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python.words": torch.tensor([version, *words], dtype=torch.int64),
+        "python.gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+        "numpy.keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy.rest": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy.cached": torch.tensor([cached], dtype=torch.float64),
         "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
+    if kind != "MT19937":
+        raise ValueError(f"numpy RNG {kind!r}: only MT19937 states are saved")
+    for name, value in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        state[f"tracker.{name}"] = value.cpu()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what ``rng_state`` returned."""
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    words = state["python.words"].tolist()
+    gauss = float(state["python.gauss"][0])
+    random.setstate((int(words[0]), tuple(int(w) for w in words[1:]), None if math.isnan(gauss) else gauss))
+    pos, has_gauss = state["numpy.rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy.keys"].numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(state["numpy.cached"][0])))
     torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")}
+    if tracker:
+        tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _per_rank_object(key: str, data: Any, ctx) -> Any:
-    """A ShardedObject with one shard per (pp, tp, dp) rank: RNG and data position differ per rank."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+def rederive_rng(ctx, step: int) -> int:
+    """Seed every RNG of this rank from ``parallel.seed``, ``step`` and the rank's pipeline stage
+    (megatron's tracker adds its tensor-parallel offset), as ``init_parallel`` does at step 0:
+    the RNG of a resume at a new layout, deterministic given the layout. Returns the seed."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    return ShardedObject(
-        key,
-        data,
-        global_shape=(ctx.pp_size, ctx.tp_size, ctx.dp_size),
-        global_offset=(ctx.pp_rank, ctx.tp_rank, ctx.dp_rank),
-        replica_id=0,
-    )
+    from pear_mega.parallel import seed_everything
+
+    seed = (ctx.config.seed + 100 * ctx.pp_rank + 1_000_003 * step) % (2**31)
+    seed_everything(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return seed
 
 
-def _trainer_state(model_chunks, optimizer, scheduler, ctx, data_state, step, loading: bool) -> dict:
-    """The non-model part of the sharded state dict (the model part is ``pear_mega.models``')."""
+def _optimizer_state(model_chunks, optimizer, loading: bool) -> dict:
+    """The optimizer part of the sharded state dict (``{}`` without an optimizer)."""
     from pear_mega.models import model_sharded_state_dict
 
     if len(model_chunks) != 1:
         raise NotImplementedError("checkpointing supports one model chunk (no virtual pipeline stages)")
-    state = {
-        "rng": _per_rank_object("rng_state", None if loading else rng_state(), ctx),
-        "data": _per_rank_object("data_state", None if loading else data_state, ctx),
-    }
-    if not loading:
-        state["step"] = step
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-    if optimizer is not None:
-        model_sd = model_sharded_state_dict(model_chunks[0])
-        # "fully_reshardable": optimizer state in model-parameter space, so a checkpoint of the
-        # distributed optimizer loads at any TP/PP/DP (megatron's older default format relies on
-        # ShardedTensor.flattened_range, which dist_checkpointing 0.16 no longer accepts).
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-    return state
+    if optimizer is None:
+        return {}
+    if loading:
+        _init_empty_optimizer_state(optimizer)
+    # "fully_reshardable": optimizer state in model-parameter space, so a checkpoint of the
+    # distributed optimizer loads at any TP/PP/DP (megatron's older default format relies on
+    # ShardedTensor.flattened_range, which dist_checkpointing 0.16 no longer accepts). The
+    # memory-efficient variant gathers each DP group's state on its DP rank 0 only (over gloo),
+    # instead of giving every DP rank a copy of the whole state: host memory of a save grows on
+    # one rank per DP group, not on all. Loading reads either variant.
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable",
+                "distrib_optim_fully_reshardable_mem_efficient": True}
+    model_sd = model_sharded_state_dict(model_chunks[0])
+    return {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)}
+
+
+def _init_empty_optimizer_state(optimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet its (dummy) Adam state.
+
+    Without TE/apex, megatron's ``DistributedOptimizer.state_dict`` reads the step count from the
+    torch optimizer's per-parameter state, which exists only after a first step, so building the
+    load state dict of a fresh optimizer fails (``assert len(steps) == 1``). megatron's own
+    ``_init_optimizer_states_with_dummy_values`` (a step on zero gradients) fills it; every value
+    it writes (main params included) is then overwritten by the load.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def parameters_finite(model_chunks) -> bool:
+    """Whether every parameter of every rank is finite (collective over the world: one all-reduce)."""
+    bad = torch.zeros(1, dtype=torch.float32)
+    device = None
+    peaks = []
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            if p.numel():
+                device = p.device
+                peaks.append(p.detach().abs().amax().float())
+    if peaks:
+        bad = (~torch.isfinite(torch.stack(peaks))).any().float().reshape(1)
+    if device is not None:
+        bad = bad.to(device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def save_checkpoint(
@@ -137,12 +220,20 @@ def save_checkpoint(
 ) -> Path:
     """Save a complete checkpoint atomically; returns its final path. Collective.
 
+    ``data_state`` is rank 0's (JSON-able; the data position is the same on every rank).
     ``before_publish`` runs after the shards are written and before the rename (tests use it to
     simulate a crash mid-save).
+
+    Raises:
+        NonFiniteParametersError: some parameter is NaN/inf; nothing is written.
     """
+    from safetensors.torch import save_file
+
     from pear_mega.models import save_checkpoint as save_model_checkpoint
     from pear_mega.models import unwrap_model
 
+    if not parameters_finite(model_chunks):
+        raise NonFiniteParametersError(f"step {step}: the parameters are not finite; refusing to save a checkpoint")
     root = Path(ckpt_dir)
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + ".tmp")
@@ -152,13 +243,21 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     torch.distributed.barrier()
-    extra = _trainer_state(model_chunks, optimizer, scheduler, ctx, data_state, step, loading=False)
+    extra = _optimizer_state(model_chunks, optimizer, loading=False)
     save_model_checkpoint(model_chunks[0], tmp, unwrap_model(model_chunks[0]).pear_arch, ctx, extra=extra,
                           hf_files_from=hf_files_from)
+    if ctx.rank == 0:
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+    torch.distributed.barrier()
+    save_file(rng_state(), str(tmp / RNG_DIR / _rng_file(ctx)))
+    torch.distributed.barrier()
     if before_publish is not None:
         before_publish()
     if ctx.rank == 0:
-        (tmp / TRAINER_META).write_text(json.dumps({"step": step, **metadata}, indent=2, default=str))
+        state = {"step": step, "layout": layout_of(ctx), "params_finite": True,
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "data": data_state, **metadata}
+        (tmp / TRAINER_META).write_text(json.dumps(state, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -169,18 +268,54 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, scheduler, ctx) -> tuple[int, Any]:
-    """Load model, optimizer, scheduler and this rank's RNG; returns ``(step, data_state)``. Collective."""
-    from pear_mega.models import load_checkpoint as load_model_checkpoint
+def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, scheduler, ctx, *,
+                    keep_schedule: bool = False) -> tuple[int, Any]:
+    """Load model, optimizer, schedule and RNG at this run's layout; returns ``(step, data_state)``. Collective.
 
-    extra = _trainer_state(model_chunks, optimizer, scheduler, ctx, None, 0, loading=True)
+    At the saved layout every rank gets its own RNG back; at another one the RNGs are re-derived
+    (``rederive_rng``) and rank 0 prints a note. The schedule is this run's config unless
+    ``keep_schedule`` (settings that differ from the checkpoint's are printed either way).
+    """
+    from safetensors.torch import load_file
+
+    from pear_mega.models import load_checkpoint as load_model_checkpoint
+    from pear_mega.optim import restore_schedule
+
+    path = Path(path)
+    meta = read_trainer_state(path)
+    for key in ("step", "layout", "scheduler", "data"):
+        if key not in meta:
+            raise ValueError(f"{path / TRAINER_META}: no {key!r}: not a checkpoint of this pear-mega version")
+    extra = _optimizer_state(model_chunks, optimizer, loading=True)
     loaded = load_model_checkpoint(model_chunks[0], path, extra=extra)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    step = int(meta["step"])
     if scheduler is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
-    set_rng_state(loaded["rng"])
-    return int(loaded["step"]), loaded["data"]
+        changes = restore_schedule(scheduler, meta["scheduler"], keep_schedule)
+        if changes and ctx.rank == 0:
+            verb = "kept from the checkpoint (checkpoint.keep_schedule=true)" if keep_schedule else "from this config"
+            print(f"resume: schedule settings that differ from the checkpoint's, {verb}:\n  "
+                  + "\n  ".join(changes), flush=True)
+    saved, now = meta["layout"], layout_of(ctx)
+    rng_file = path / RNG_DIR / _rng_file(ctx)
+    if saved == now and rng_file.is_file():
+        set_rng_state(load_file(str(rng_file)))
+    else:
+        seed = rederive_rng(ctx, step)
+        if ctx.rank == 0:
+            print(f"resume: the checkpoint was written at {_layout_text(saved)}, this run is {_layout_text(now)}: "
+                  f"model and optimizer resharded, data position carried over, RNG states re-derived from "
+                  f"parallel.seed and the step (rank 0 seed {seed})", flush=True)
+    return step, meta["data"]
+
+
+def _layout_text(layout: dict) -> str:
+    return " ".join(f"{k}={layout.get(k)}" for k in _LAYOUT_KEYS)
+
+
+class NonFiniteParametersError(TrainingStopped):
+    """A checkpoint save was refused because some parameter is NaN or infinite."""
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:

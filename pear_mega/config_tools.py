@@ -40,7 +40,19 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
                 return choice
         raise ValueError(f"override {key}={text!r}: must be one of {choices}")
     if origin in (tuple, list):
-        items = json.loads(text) if text.strip().startswith("[") else [t for t in text.split(",") if t]
+        if text.strip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                # not JSON (e.g. [-0.1,nan]): the items between the brackets, each parsed by its type
+                inner = text.strip()
+                if not inner.endswith("]"):
+                    raise ValueError(f"override {key}={text!r}: a list needs a closing ']'") from None
+                items = [t.strip() for t in inner[1:-1].split(",") if t.strip()]
+            if not isinstance(items, list):
+                raise ValueError(f"override {key}={text!r}: not a list")
+        else:
+            items = [t for t in text.split(",") if t]
         args = typing.get_args(annotation)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
@@ -133,8 +145,15 @@ def run_recipe_cli(doc: str, registry: RecipeRegistry, make_trainer: Callable[[A
 
     ``make_trainer(config)`` returns an object with ``train()``, ``close()`` and ``metrics``
     (a ``MetricsWriter``); it is imported lazily by the caller so ``--help`` stays fast.
+
+    Options and overrides may come in any order. A bad config (or bad data found while the
+    trainer is built: ``ValueError`` naming the key, or file / row / field) is printed alone and
+    exits with status 2; a run that stops itself (``pear_mega.optim.TrainingStopped``: non-finite
+    steps) prints why and exits with status 1. ``--metrics-out`` gets one JSON line per logged
+    step as the run goes.
     """
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", help=f"one of: {', '.join(registry.names())}")
@@ -142,24 +161,61 @@ def run_recipe_cli(doc: str, registry: RecipeRegistry, make_trainer: Callable[[A
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--metrics-out", default="", help="write the per-step metrics here as JSON lines")
     parser.add_argument("overrides", nargs="*", help=f"dotted.key=value overrides, e.g. {example_override}")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.list_recipes:
         print("\n".join(registry.names()))
         return
     if not args.recipe:
         parser.error("--recipe is required")
-    cfg = registry.build(args.recipe, args.overrides)
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return
 
+    def fail(exc: Exception, status: int) -> None:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(status)
+
+    try:
+        cfg = registry.build(args.recipe, args.overrides)
+        if args.print_config:
+            print(json.dumps(to_dict(cfg), indent=2))
+            return
+        validate = getattr(cfg, "validate_run", None)
+        if validate is not None:
+            validate()
+    except ValueError as exc:
+        fail(exc, 2)
+
+    from pear_mega.optim import TrainingStopped
     from pear_mega.platform import quiet_fallback_warnings
 
     quiet_fallback_warnings()
-    trainer = make_trainer(cfg)
     try:
-        trainer.train()
+        trainer = make_trainer(cfg)
+    except ValueError as exc:
+        fail(exc, 2)
+    try:
         if args.metrics_out:
-            trainer.metrics.dump(args.metrics_out)
+            _stream_metrics(trainer.metrics, args.metrics_out)
+        trainer.train()
+    except TrainingStopped as exc:
+        fail(exc, 1)
     finally:
         trainer.close()
+
+
+def _stream_metrics(writer, path: str) -> None:
+    """Append every record ``writer.log`` keeps to ``path`` (JSON lines) as soon as it is logged."""
+    from pathlib import Path
+
+    if writer.rank != 0:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("")
+    log = writer.log
+
+    def log_and_write(step, scalars, console_keys=()):
+        before = len(writer.history)
+        log(step, scalars, console_keys)
+        with open(out, "a") as f:
+            f.writelines(json.dumps(record) + "\n" for record in writer.history[before:])
+
+    writer.log = log_and_write

@@ -17,6 +17,8 @@ import torch
 
 from pear_mega.platform import use_gpu
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -39,18 +41,30 @@ class OptimConfig:
     """Shard optimizer state over DP ranks; None = on GPU only."""
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        # Every value is used in float32 by the fused update: a number finite in Python but not
+        # in float32 (1e39) is as bad as inf. `not x >= 0` is also true for NaN.
+        def finite(name: str, value: float, rule: str, ok: bool) -> None:
+            if not (ok and math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+                raise ValueError(f"optim.{name} must be a finite number {rule}, got {value!r}")
+
+        finite("lr", self.lr, "> 0", self.lr > 0)
+        finite("min_lr", self.min_lr, "in [0, optim.lr]", 0 <= self.min_lr <= self.lr)
+        finite("weight_decay", self.weight_decay, ">= 0", self.weight_decay >= 0)
+        finite("adam_eps", self.adam_eps, "> 0", self.adam_eps > 0)
+        finite("clip_grad", self.clip_grad, ">= 0 (0 disables clipping)", self.clip_grad >= 0)
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
         if self.decay_style not in ("cosine", "linear", "constant"):
             raise ValueError(f"optim.decay_style must be cosine|linear|constant, got {self.decay_style!r}")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError("optim.adam_beta1/adam_beta2 must be in [0, 1)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    def check_steps(self, total_updates: int, steps_key: str) -> None:
+        """Cross-field check: warmup must end within the run (``steps_key`` names the setting)."""
+        if self.warmup_steps > total_updates:
+            raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) exceeds the run's {total_updates} optimizer "
+                             f"steps ({steps_key}): the learning rate would never reach optim.lr")
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
@@ -159,15 +173,31 @@ def _clip_grads_(opt, max_norm: float, total_norm: float) -> None:
             grad.detach().mul_(coeff)
 
 
+class TrainingStopped(RuntimeError):
+    """A run stopped on a condition it detected itself (non-finite steps or weights); the message
+    says why and which checkpoint is the last good one. The command line prints it alone, exit 1."""
+
+
+class NonFiniteUpdateError(TrainingStopped):
+    """The optimizer update made some parameter NaN or infinite (the run must stop: the weights are lost)."""
+
+
 def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool = True) -> tuple[bool, float]:
-    """Clip and apply the update only when the loss and the global grad norm are finite.
+    """Clip and apply the update only when the loss and the global grad norm are finite, then
+    check that the parameters the update wrote are finite.
 
     Megatron's fp32/bf16 optimizers check for inf/nan only under a loss scaler (fp16), so a NaN
     loss would otherwise be applied and poison the weights. This is ``ChainedOptimizer.step``
-    with the finiteness check inserted between the norm and the update.
+    with the finiteness check inserted between the norm and the update. A finite gradient can
+    still give a non-finite update (an overflowing learning rate, Adam's second moment
+    underflowing in low precision): the parameters after the update are checked on every rank
+    (max |θ| per tensor, one all-reduce) and a non-finite result raises, so the step never counts
+    as applied and nothing after it is saved.
 
     Returns:
         ``(applied, grad_norm)``; when not applied the gradients are left for the caller to zero.
+    Raises:
+        NonFiniteUpdateError: the update made a parameter non-finite.
     """
     if optimizer.prepare_grads():  # loss-scaler overflow (fp16 only)
         return False, float("inf")
@@ -178,4 +208,59 @@ def guarded_step(optimizer, clip_grad: float, loss_is_finite: bool = True) -> tu
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
             _clip_grads_(opt, clip_grad, grad_norm)
     optimizer.step_with_ready_grads()
+    if not _updated_params_finite(optimizer):
+        lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else float("nan")
+        raise NonFiniteUpdateError(f"the optimizer update made parameters non-finite (grad norm {grad_norm:.4g}, "
+                                   f"lr {lr:.4g})")
     return True, grad_norm
+
+
+def _updated_params_finite(optimizer) -> bool:
+    """Whether the parameters every rank's optimizer updated are finite (a world all-reduce).
+
+    The optimizer's own parameters: the model's (fp32), the fp32 main copies (bf16) or this DP
+    rank's shard of them (distributed optimizer); together over the world they cover every
+    updated value, and the model copies are cast from them.
+    """
+    peaks = [p.detach().abs().amax().float() for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+             for p in opt.get_parameters() if p.numel()]
+    device = peaks[0].device if peaks else (torch.device("cuda") if use_gpu() else torch.device("cpu"))
+    bad = (~torch.isfinite(torch.stack(peaks))).any().float().reshape(1) if peaks else torch.zeros(1, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+# scheduler state key -> the setting it comes from (for the resume message)
+_SCHEDULE_SETTINGS = {
+    "max_lr": "optim.lr",
+    "min_lr": "optim.min_lr",
+    "lr_warmup_steps": "optim.warmup_steps",
+    "lr_decay_style": "optim.decay_style",
+    "lr_decay_steps": "decay length (train.steps)",
+    "start_wd": "optim.weight_decay",
+    "end_wd": "optim.weight_decay (end)",
+    "wd_incr_steps": "weight-decay length (train.steps)",
+}
+
+
+def restore_schedule(scheduler, state: dict, keep_schedule: bool) -> list[str]:
+    """Load a checkpoint's ``OptimizerParamScheduler`` state: its step count always, its settings
+    only with ``keep_schedule`` (else this run's config wins). Sets the optimizer's lr / weight
+    decay for the resumed step.
+
+    megatron's scheduler defaults to ``use_checkpoint_opt_param_scheduler=True``, under which the
+    checkpoint's lr, warmup, decay style and length silently beat the config ("lower the LR and
+    resume" would do nothing). Returns one ``"setting: old -> new"`` line per difference (old:
+    the checkpoint's; new: what the run uses).
+    """
+    mine = scheduler.state_dict()
+    changes = []
+    for key, setting in _SCHEDULE_SETTINGS.items():
+        if key in state and state[key] != mine[key]:
+            old, new = (state[key], state[key]) if keep_schedule else (state[key], mine[key])
+            changes.append(f"{setting}: {old!r} -> {new!r}" + (f" (config: {mine[key]!r})" if keep_schedule else ""))
+    scheduler.override_opt_param_scheduler = not keep_schedule
+    scheduler.use_checkpoint_opt_param_scheduler = keep_schedule
+    scheduler.load_state_dict(dict(state))
+    return changes

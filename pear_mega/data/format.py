@@ -37,6 +37,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,9 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "tool")
 # A log-probability a hair above 0 is fp rounding of log(1); anything larger is not a log-prob.
 MAX_LOGPROB = 1e-3
+# Log-probs are trained in float32 (packs store them so): a value beyond float32's range is finite
+# in Python but -inf once packed, so it is refused here, where the file and row are known.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class DataError(ValueError):
@@ -118,6 +122,9 @@ def _check_logprobs(lps: Any, n: int, conv: Conversation, name: str, ids_name: s
         if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             shown = "null" if v is None else repr(v)
             raise conv.error(name, f"element {k} is {shown}: log-probs must be finite", "non_finite_logprobs")
+        if abs(v) > FLOAT32_MAX:
+            raise conv.error(name, f"element {k} is {v!r}: outside float32's range (|x| <= {FLOAT32_MAX:.4g}), "
+                             "where log-probs are trained", "non_finite_logprobs")
         if v > MAX_LOGPROB:
             raise conv.error(name, f"element {k} is {v} > 0: not a log-probability", "invalid_value")
         out.append(float(v))
@@ -243,29 +250,41 @@ def read_rows(path: str, cache_dir: str | None = None) -> Iterator[dict]:
 
 
 def _read_json(path: str) -> Iterator[dict]:
+    """Rows of a .json / .jsonl (optionally gzipped) file. Lines are decoded one at a time, so a
+    line that is not UTF-8 is a bad row like a line that is not JSON (``skip_bad_rows`` skips
+    both); a gzip stream that ends early or is corrupt is a ``DataError`` naming the row it broke at."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        head = f.read(1024).lstrip()
-        f.seek(0)
-        if head.startswith("["):  # one JSON array of rows
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, None, None, f"invalid JSON: {exc}", "invalid_file") from exc
-            yield from rows
-            return
-        index = 0
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                # A broken line is a bad row: skip_bad_rows may skip it like any other.
-                yield _BadLine(DataError(path, index, None, f"line {line_no} is not valid JSON: {exc}", "invalid_json"))
-            else:
-                yield row
-            index += 1
+    index = 0
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(1024).lstrip()
+            f.seek(0)
+            if head.startswith(b"["):  # one JSON array of rows
+                try:
+                    rows = json.loads(f.read().decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise DataError(path, None, None, f"invalid JSON: {exc}", "invalid_file") from exc
+                yield from rows
+                return
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    yield _BadLine(DataError(path, index, None, f"line {line_no} is not valid UTF-8: {exc}",
+                                             "invalid_utf8"))
+                except json.JSONDecodeError as exc:
+                    # A broken line is a bad row: skip_bad_rows may skip it like any other.
+                    yield _BadLine(DataError(path, index, None, f"line {line_no} is not valid JSON: {exc}",
+                                             "invalid_json"))
+                else:
+                    yield row
+                index += 1
+    except (EOFError, OSError, zlib.error) as exc:
+        # gzip raises EOFError for a truncated stream, BadGzipFile (an OSError) / zlib.error for corrupt data
+        raise DataError(path, index, None, f"the file ends early or is corrupt after {index} rows "
+                        f"({type(exc).__name__}: {exc})", "invalid_file") from exc
 
 
 class _BadLine:

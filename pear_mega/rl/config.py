@@ -80,6 +80,10 @@ class TaskConfig:
         if self.synthetic_prompt_tokens < 1:
             raise ValueError(f"task.synthetic_prompt_tokens must be >= 1, got {self.synthetic_prompt_tokens}")
         self.task_settings()
+        if self.source == "reasoning_gym":
+            from pear_mega.rl.rewards import check_task_names
+
+            check_task_names(self.tasks, "task.tasks", known_only=False)
 
     def task_settings(self) -> dict:
         """``task_config`` parsed (ValueError naming the field when it is not a JSON object)."""
@@ -329,6 +333,28 @@ class RLConfig:
         if policy.overlong_mode == "soft_penalty" and policy.overlong_buffer > self.rollout.max_tokens:
             raise ValueError(f"algorithm.{self.algorithm.name}.overlong_buffer ({policy.overlong_buffer}) must be "
                              f"<= rollout.max_tokens ({self.rollout.max_tokens})")
+
+    def validate_run(self) -> None:
+        """Checks of the final config (after every override; the CLI and the trainer run them
+        before anything is built): warmup within the run, sequence lengths within the model's
+        context (config.json), reasoning-gym task names known to reasoning-gym, math gold answers
+        of a prompts file parseable. Raises ValueError naming the key."""
+        from pear_mega.rl.rewards import check_prompt_answers, check_task_names
+        from pear_mega.sft.config import check_context_length
+
+        updates = "train.steps x algorithm.ppo_epochs x algorithm.minibatches"
+        self.optim.check_steps(self.train.steps * self.algorithm.updates_per_step, updates)
+        if self.algorithm.name == "ppo":
+            try:
+                self.critic.optim.check_steps(self.train.steps * self.algorithm.updates_per_step, updates)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("optim.", "critic.optim.", 1)) from None
+        check_context_length(self.model.hf_path, self.train.seq_length, "train.seq_length")
+        check_context_length(self.model.hf_path, self.rollout.max_model_len, "rollout.max_model_len")
+        if self.task.source == "reasoning_gym":
+            check_task_names(self.task.tasks, "task.tasks", known_only=True)
+        elif self.task.source == "jsonl":
+            check_prompt_answers(self.task.prompts_file, "task.prompts_file")
 
     @property
     def policy(self) -> GRPOConfig | PPOConfig:

@@ -20,13 +20,19 @@ Scoring:
 - math: ``math_verify.verify(parse(gold), parse(answer))``; both are wrapped in ``$…$`` so LaTeX
   (``\frac12``, ``\sqrt{18}``) and plain numbers (``0.5``) compare as the same value. math-verify
   parses LaTeX with its own grammar (latex2sympy), never Python ``eval``. Its timeouts use
-  ``signal.alarm``, which only works in the main thread: off the main thread they are disabled
-  (``parsing_timeout=None``, ``timeout_seconds=None``) and the answer length cap bounds the work.
+  ``signal.alarm``, which only works in the main thread; off the main thread (``compute_rewards``
+  with ``num_workers``) each thread's comparisons run in a child process of its own that is
+  killed past ``MATH_TIMEOUT_S`` (the answer scores 0): a short answer such as
+  ``9^{9^{9^{9}}}`` can otherwise hold a worker for minutes inside one big-integer power.
+
+Config-time checks (``RLConfig.validate_run``): ``check_task_names`` refuses unknown and unsafe
+reasoning-gym tasks, ``check_prompt_answers`` unparseable math gold answers of a prompts file.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -38,6 +44,7 @@ import torch
 from torch import Tensor
 
 MAX_ANSWER_CHARS = 256
+MATH_TIMEOUT_S = 5
 
 # reasoning-gym tasks whose score_answer evaluates the model's answer as code: eval() on the
 # answer string (string_insertion, spiral_matrix, binary_matrix, n_queens) or sympy's parse_expr,
@@ -184,21 +191,109 @@ class ReasoningGymScorer:
 def _math_parse(text: str):
     from math_verify import parse
 
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    timeout = MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     parsed = parse(f"${text}$", parsing_timeout=timeout)
     return parsed if parsed else parse(text, parsing_timeout=timeout)
 
 
-def math_equal(gold: str, answer: str) -> bool:
-    """Whether ``answer`` equals ``gold`` as a math value (math-verify)."""
+def _math_equal_here(gold: str, answer: str) -> bool:
     from math_verify import verify
 
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    timeout = MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     gold_parsed = _math_parse(gold)
     if not gold_parsed:
         raise ValueError(f"math gold answer {gold!r} cannot be parsed")
     answer_parsed = _math_parse(answer)
     return bool(answer_parsed) and bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
+
+
+def _math_child(conn) -> None:
+    """Child process loop: ``(gold, answer)`` in, ``(ok, result or error message)`` out."""
+    while True:
+        try:
+            gold, answer = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send((True, _math_equal_here(gold, answer)))
+        except ValueError as exc:
+            conn.send((False, str(exc)))
+
+
+class _MathProcess:
+    """One thread's child process for math comparisons, killed and replaced after a timeout."""
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded (torch) process
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_math_child, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+
+    @classmethod
+    def equal(cls, gold: str, answer: str, timeout: float) -> bool:
+        worker = getattr(cls._local, "worker", None)
+        if worker is None or not worker.process.is_alive():
+            worker = cls._local.worker = cls()
+        worker.conn.send((gold, answer))
+        # the first call also waits for the child's start (imports); later ones only for the work
+        if not worker.conn.poll(timeout + (30 if not getattr(worker, "warm", False) else 0)):
+            worker.process.kill()
+            worker.process.join()
+            cls._local.worker = None
+            return False
+        worker.warm = True
+        ok, result = worker.conn.recv()
+        if not ok:
+            raise ValueError(result)
+        return bool(result)
+
+
+def math_equal(gold: str, answer: str) -> bool:
+    """Whether ``answer`` equals ``gold`` as a math value (math-verify). Off the main thread the
+    comparison runs in the thread's child process, bounded by ``MATH_TIMEOUT_S`` (module docstring)."""
+    if threading.current_thread() is threading.main_thread():
+        return _math_equal_here(gold, answer)
+    return _MathProcess.equal(gold, answer, MATH_TIMEOUT_S)
+
+
+def check_math_gold(gold: str, where: str) -> None:
+    """Raise ValueError naming ``where`` when math-verify cannot parse the gold answer."""
+    if not _math_parse(str(gold)):
+        raise ValueError(f"{where}: math gold answer {gold!r} cannot be parsed by math-verify")
+
+
+def check_task_names(tasks, key: str, known_only: bool) -> None:
+    """Refuse unsafe reasoning-gym tasks (``UNSAFE_TASKS``) and, with ``known_only``, names
+    reasoning-gym does not know (imports reasoning_gym). ValueError names ``key``."""
+    unsafe = sorted(set(tasks) & UNSAFE_TASKS)
+    if unsafe:
+        raise ValueError(f"{key}: reasoning-gym task(s) {unsafe} score answers by evaluating them as code "
+                         "(eval / sympy parse_expr) and are not allowed as rewards")
+    if known_only:
+        from reasoning_gym.factory import DATASETS
+
+        unknown = sorted(set(tasks) - set(DATASETS))
+        if unknown:
+            raise ValueError(f"{key}: unknown reasoning-gym task(s) {unknown}; known: {', '.join(sorted(DATASETS))}")
+
+
+def check_prompt_answers(path: str, key: str) -> None:
+    """Every math-scored row of a prompts jsonl has a gold answer math-verify parses (rows whose
+    ``meta`` is a reasoning-gym sample are scored by reasoning-gym and skipped)."""
+    from pathlib import Path
+
+    from pear_mega.evaluation import gold_answer, iter_jsonl_objects
+
+    if not Path(path).is_file():
+        raise ValueError(f"{key}: {path}: no such file")
+    for i, row in iter_jsonl_objects(path):
+        meta = row.get("meta")
+        if isinstance(meta, dict) and meta.get("source") == "reasoning_gym":
+            continue
+        check_math_gold(gold_answer(row, path, i), f"{key}: {path}: row {i}: field 'answer'")
 
 
 def math_reward(response: str, gold: str) -> RewardOutput:

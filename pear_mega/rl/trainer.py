@@ -43,15 +43,16 @@ import torch
 import torch.distributed as dist
 
 from pear_mega.checkpointing import (
-    checkpoint_name,
     latest_checkpoint,
     latest_step,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
-from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
+from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, build_optimizer, guarded_step, wrap_ddp
 from pear_mega.pear import IGNORE_INDEX, PearConfig
 from pear_mega.platform import use_gpu
 from pear_mega.rl.config import RLConfig
@@ -100,7 +101,7 @@ def _combine_updates(collected: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingStopped):
     """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
 
 
@@ -141,6 +142,7 @@ class RLTrainer:
         from pear_mega.models import ModelArch
         from pear_mega.parallel import init_parallel
 
+        cfg.validate_run()
         self.cfg = cfg
         self.ctx = init_parallel(cfg.parallel)
         self.is_rank0 = self.ctx.rank == 0
@@ -175,11 +177,14 @@ class RLTrainer:
         if cfg.checkpoint.dir and cfg.checkpoint.resume:
             resumed_from = latest_checkpoint(cfg.checkpoint.dir)
             if resumed_from is not None:
-                self.step, self.data_state = load_checkpoint(resumed_from, self.policy, self.optimizer,
-                                                             self.scheduler, self.ctx)
+                keep = cfg.checkpoint.keep_schedule
                 if self.is_ppo:
-                    load_checkpoint(Path(cfg.checkpoint.dir) / "critic" / checkpoint_name(self.step), self.critic,
-                                    self.critic_optimizer, self.critic_scheduler, self.ctx)
+                    load_checkpoint(Path(cfg.checkpoint.dir) / "critic" / resumed_from.name, self.critic,
+                                    self.critic_optimizer, self.critic_scheduler, self.ctx, keep_schedule=keep)
+                # the policy's last: its RNG states are the ones restored
+                self.step, self.data_state = load_checkpoint(resumed_from, self.policy, self.optimizer,
+                                                             self.scheduler, self.ctx, keep_schedule=keep)
+                resumed_rng = rng_state()
 
         self.source = None
         ro = cfg.rollout
@@ -189,6 +194,8 @@ class RLTrainer:
         self.staging = self._refit_staging()
         self._offload_optimizers()  # before vLLM measures the free memory
         probes = self.rollout.on_hosts(self._start_engine)
+        if resumed_from is not None:
+            set_rng_state(resumed_rng)  # the engine's start reseeds torch: restore what the checkpoint held
         if ro.num_threads and self.rollout.hosts_engine:
             # the one place it is applied: on_hosts puts back the threads it found, after the engine's start
             torch.set_num_threads(ro.num_threads)
@@ -733,7 +740,12 @@ class RLTrainer:
                 "refit/max_abs_logp_diff")
         try:
             while self.step < cfg.train.steps:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except NonFiniteUpdateError as exc:
+                    last = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else "none (checkpoint.dir unset)"
+                    raise NonFiniteError(f"step {self.step + 1}: {exc}; stopping without saving it. "
+                                         f"The last good checkpoint is {last}") from None
                 if self.bad_streak >= cfg.train.max_bad_steps:
                     raise NonFiniteError(
                         f"{self.bad_streak} consecutive optimizer steps had a non-finite loss or grad norm; "

@@ -50,7 +50,7 @@ class DataConfig:
     """Truncate rows longer than seq_length (the loss mask ends there) instead of failing."""
     seed: int = 1234
     """Shuffle seed of the pack order."""
-    token_check: str = "decode"
+    token_check: str = "decode"  # the same default as pear_mega.data.DataConfig
     """How stored behavior tokens are checked against the text: "decode" (they must decode exactly
     to the assistant content, at the right place in the chat template) or "retokenize" (they must
     also equal the tokenizer's canonical tokenization; rejects samples like "Ans"+"wer" that a
@@ -70,12 +70,15 @@ class TrainConfig:
     global_batch_packs: int = 8
     """Packs per optimizer step over all data-parallel ranks (= microbatches x DP size)."""
     log_interval: int = 1
+    """Log every N steps (and the last one)."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or grad norm (skipped) before the run stops."""
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.log_interval < 1:
+            raise ValueError(f"train.log_interval must be >= 1, got {self.log_interval}")
         if self.global_batch_packs < 1:
             raise ValueError(f"train.global_batch_packs must be >= 1, got {self.global_batch_packs}")
         if self.max_bad_steps < 1:
@@ -92,6 +95,10 @@ class CheckpointConfig:
     """Continue from ``dir/latest`` when it exists."""
     export_hf: str = ""
     """Export the final model as an HF directory here ("" = no export)."""
+    keep_schedule: bool = False
+    """On resume, keep the learning-rate schedule stored in the checkpoint (its lr, min_lr, warmup,
+    decay style and length) instead of this config's. Default: the config wins, and every setting
+    that differs from the checkpoint's is printed (old -> new)."""
 
     def __post_init__(self):
         if self.save_interval < 0:
@@ -105,6 +112,10 @@ class LoggingConfig:
     progress_bar: bool = True
     histogram_interval: int = 10
     """Write a histogram of the PEAR log-weights every N steps (0 = never)."""
+
+    def __post_init__(self):
+        if self.histogram_interval < 0:
+            raise ValueError(f"logging.histogram_interval must be >= 0, got {self.histogram_interval}")
 
 
 @dataclass(frozen=True)
@@ -126,3 +137,31 @@ class SFTConfig:
             raise ValueError("data.train_files is required (jsonl/parquet files with behavior log-probs)")
         if self.checkpoint.export_hf and not self.checkpoint.dir:
             raise ValueError("checkpoint.export_hf needs checkpoint.dir (export reads the final checkpoint)")
+
+    def validate_run(self) -> None:
+        """Checks of the final config (after every override; the CLI and the trainer run them
+        before anything is built): settings that an override order could make transiently
+        inconsistent, and those that need the model's config.json.
+
+        Raises:
+            ValueError naming the key: warmup longer than the run, ``data.seq_length`` beyond the
+            model's context.
+        """
+        self.optim.check_steps(self.train.steps, "train.steps")
+        check_context_length(self.model.hf_path, self.data.seq_length, "data.seq_length")
+
+
+def check_context_length(hf_path: str, length: int, key: str) -> None:
+    """``length`` tokens must fit the model's ``max_position_embeddings`` (RoPE tables end there)."""
+    import json
+    from pathlib import Path
+
+    config = Path(hf_path) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"model.hf_path: {config} does not exist (an HF checkpoint directory is expected)")
+    try:
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+    except ValueError as exc:
+        raise ValueError(f"model.hf_path: {config} is not valid JSON ({exc})") from None
+    if isinstance(limit, int) and length > limit:
+        raise ValueError(f"{key}={length} exceeds the model's max_position_embeddings={limit} ({config})")

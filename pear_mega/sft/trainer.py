@@ -33,7 +33,7 @@ import torch
 from pear_mega.checkpointing import latest_checkpoint, latest_step, load_checkpoint, save_checkpoint
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
-from pear_mega.optim import build_optimizer, guarded_step, wrap_ddp
+from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, build_optimizer, guarded_step, wrap_ddp
 from pear_mega.pear import IGNORE_INDEX, truncated_sampling_warning
 from pear_mega.sft.config import SFTConfig
 
@@ -41,7 +41,7 @@ from pear_mega.sft.config import SFTConfig
 _SUMS = ("tokens", "count", "nll", "weighted_nll", "g", "g2", "clip_low", "clip_high", "delta_clip", "seq_tokens")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingStopped):
     """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
 
 
@@ -55,6 +55,7 @@ class SFTTrainer:
         from pear_mega.models import ModelArch, build_gpt_model, load_hf_checkpoint
         from pear_mega.parallel import init_parallel
 
+        cfg.validate_run()
         self.cfg = cfg
         self.ctx = init_parallel(cfg.parallel)
         if cfg.train.global_batch_packs % self.ctx.dp_size:
@@ -104,7 +105,8 @@ class SFTTrainer:
         if cfg.checkpoint.dir and cfg.checkpoint.resume:
             path = latest_checkpoint(cfg.checkpoint.dir)
             if path is not None:
-                self.step, data_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx)
+                self.step, data_state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx,
+                                                        keep_schedule=cfg.checkpoint.keep_schedule)
                 self.data.load_state_dict(data_state)
                 self._print(f"resumed from {path} at step {self.step}")
         self.metrics = MetricsWriter(self.ctx.rank, cfg.train.steps, cfg.logging.tensorboard_dir,
@@ -261,13 +263,16 @@ class SFTTrainer:
         cfg = self.cfg
         try:
             while self.step < cfg.train.steps:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except NonFiniteUpdateError as exc:
+                    raise NonFiniteError(f"step {self.step + 1}: {exc}; stopping without saving it. "
+                                         f"The last good checkpoint is {self._last_good()}") from None
                 if self.bad_streak >= cfg.train.max_bad_steps:
                     raise NonFiniteError(
                         f"{self.bad_streak} consecutive steps had a non-finite loss or grad norm "
                         f"(last: loss={metrics['train/loss']}, grad_norm={metrics['train/grad_norm']}); "
-                        f"stopping at step {self.step}. The last good checkpoint is "
-                        f"{latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else 'none (checkpoint.dir unset)'}"
+                        f"stopping at step {self.step}. The last good checkpoint is {self._last_good()}"
                     )
                 if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                     self.metrics.log(self.step, metrics, ("train/loss", "train/nll", "pear/weight_mean", "train/grad_norm"))
@@ -284,6 +289,12 @@ class SFTTrainer:
         finally:
             self.metrics.close()
         return self.metrics.history
+
+    def _last_good(self) -> str:
+        """The newest checkpoint (saves refuse non-finite weights, so it is a finite one)."""
+        if not self.cfg.checkpoint.dir:
+            return "none (checkpoint.dir unset)"
+        return str(latest_checkpoint(self.cfg.checkpoint.dir) or f"none in {self.cfg.checkpoint.dir}")
 
     def save(self, before_publish=None) -> Path:
         return save_checkpoint(

@@ -135,7 +135,8 @@ def test_pear_and_plain_sft_losses_match_an_independent_reference(sft_assets, tm
     results = {}
     for level in ("token", "none"):
         got = baseline if level == "token" else run_sft(
-            tmp_path, 1, _base(sft_assets, tmp_path, f"ref_{level}", steps=1, extra=[f"pear.level={level}"]))
+            tmp_path, 1, _base(sft_assets, tmp_path, f"ref_{level}", steps=1,
+                                    extra=[f"pear.level={level}", "optim.warmup_steps=0"]))
         results[level] = got["history"][0]
         expected = reference(level)
         print(f"{level}: trainer {got['history'][0]['train/loss']:.6f} reference {expected:.6f}")
