@@ -54,6 +54,7 @@ def _mean_iv(r: Mapping | None, sign: bool = False) -> str:
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Markdown table lines."""
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
@@ -102,6 +103,7 @@ def verdict(r: Mapping, what: str) -> str:
 
 # ----------------------------------------------------------------------------- markdown
 def _header(results: Mapping, summary: Mapping) -> list[str]:
+    """Title, command, commit, machine, configuration, design and the missing runs."""
     st = results["study"]
     lines = [f"# Study: {st.get('name', '?')}", "",
              f"Recipe `{st.get('recipe', '?')}` · commit `{st.get('commit', '?')}` · machine: {st.get('machine', '?')} "
@@ -126,6 +128,7 @@ def _header(results: Mapping, summary: Mapping) -> list[str]:
 
 
 def _flat(d: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested mapping → ``[(dotted key, value)]``."""
     out = []
     for k, v in d.items():
         if isinstance(v, Mapping):
@@ -145,6 +148,7 @@ def _cell(v, width: int = 80) -> str:
 
 
 def _probe(probe: Mapping | None) -> list[str]:
+    """The probe's numbers as recorded (whatever keys the study wrote)."""
     lines = ["## Probe", ""]
     if not probe:
         return [*lines, "No probe was recorded.", ""]
@@ -152,6 +156,7 @@ def _probe(probe: Mapping | None) -> list[str]:
 
 
 def _pass_at_k(results: Mapping, s: Mapping) -> list[str]:
+    """One table per suite: arm × pass@k × phase with both intervals."""
     lines = ["## pass@k per arm", ""]
     for suite in results["suites"]:
         rows = []
@@ -170,6 +175,7 @@ def _pass_at_k(results: Mapping, s: Mapping) -> list[str]:
 
 
 def _differences(results: Mapping, s: Mapping) -> list[str]:
+    """Paired differences against the baseline, RL gains and their differences."""
     base = results["baseline"]
     lines = [f"## Paired differences against `{base}`", "",
              "arm − baseline, paired by seed and prompt (pre = after SFT, post = after the identical GRPO).", ""]
@@ -192,6 +198,7 @@ def _differences(results: Mapping, s: Mapping) -> list[str]:
 
 
 def _diagnostics(results: Mapping, d: Mapping) -> list[str]:
+    """PEAR weight statistics during SFT; drift, sparsity and alignment of RL."""
     lines = ["## PEAR weights during SFT", "",
              "Per run the mean over SFT steps; then mean [95 % CI] over seeds. ESS fraction = (Σ G)² / (n Σ G²) "
              "over a step's n loss tokens (1 = uniform weights); clip fractions = share of loss tokens whose "
@@ -216,6 +223,7 @@ def _diagnostics(results: Mapping, d: Mapping) -> list[str]:
 
 
 def _support(results: Mapping, s: Mapping) -> list[str]:
+    """The after-RL comparisons put through :func:`verdict`, one line each."""
     base = results["baseline"]
     post = [r for r in s["paired_diff"] if r["phase"] == "post"]
     lines = ["## What the intervals support", "",

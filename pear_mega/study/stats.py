@@ -173,6 +173,7 @@ def prompt_pass_at_k(entry: Mapping, k: int, where: str = "") -> np.ndarray:
 
 
 def _run_key(run: Mapping) -> tuple[str, int]:
+    """``(arm, seed)`` of a run."""
     return run["arm"], run["seed"]
 
 
