@@ -314,6 +314,62 @@ def _layout_text(layout: dict) -> str:
     return " ".join(f"{k}={layout.get(k)}" for k in _LAYOUT_KEYS)
 
 
+LOCK_FILE = ".lock"
+
+
+class CheckpointDirLocked(ValueError):
+    """Another live process holds ``checkpoint.dir`` (two jobs must not write one directory)."""
+
+
+def try_lock_dir(ckpt_dir: str | os.PathLike):
+    """Take an exclusive lock on ``ckpt_dir`` for the life of this process; returns the open lock
+    file (keep it: closing it releases the lock; the OS releases it when the process dies).
+
+    The lock is ``fcntl.flock`` on ``<ckpt_dir>/.lock``, which holds the holder's host, pid and
+    start time, so the error says who has the directory.
+
+    Raises:
+        CheckpointDirLocked naming the holder.
+    """
+    import fcntl
+    import socket
+    import time
+
+    root = Path(ckpt_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the process's life)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "an unknown process"
+        f.close()
+        raise CheckpointDirLocked(f"checkpoint.dir {root} is in use by {holder}: another run (or an orphaned "
+                                  "worker of one) writes there; stop it or choose another checkpoint.dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    return f
+
+
+def lock_checkpoint_dir(ckpt_dir: str, ctx):
+    """``try_lock_dir`` on global rank 0, the outcome shared with every rank (collective): every
+    rank raises ``CheckpointDirLocked`` when the directory is taken. Returns rank 0's lock file
+    (None elsewhere)."""
+    held, error = None, None
+    if ctx.rank == 0:
+        try:
+            held = try_lock_dir(ckpt_dir)
+        except CheckpointDirLocked as exc:
+            error = str(exc)
+    box = [error]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise CheckpointDirLocked(box[0])
+    return held
+
+
 class NonFiniteParametersError(TrainingStopped):
     """A checkpoint save was refused because some parameter is NaN or infinite."""
 

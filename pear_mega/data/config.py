@@ -26,9 +26,11 @@ class DataConfig:
     counting them by reason, instead of raising on the first one."""
     truncate: bool = False
     """Cut rows longer than seq_length (the loss mask ends there) instead of raising."""
-    token_check: str = "retokenize"
-    """"retokenize": stored assistant token ids must equal the re-tokenized rendered text;
-    "decode": they must decode to the content (accepts non-canonical tokenizations)."""
+    token_check: str = "decode"
+    """"decode" (default, as the SFT trainer's ``data.token_check``): stored assistant token ids
+    must decode to the content at its place in the chat template (accepts the non-canonical
+    tokenizations a sampler produces); "retokenize": they must also equal the re-tokenized
+    rendered text."""
     pad_id: int | None = None
     """Token of the pad tail; None = the tokenizer's pad token (else its EOS)."""
     cache_dir: str | None = None

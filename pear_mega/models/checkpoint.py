@@ -217,7 +217,7 @@ def load_hf_checkpoint(model, hf_dir: str | os.PathLike, arch: ModelArch, ctx, *
     """
     gpt = unwrap_model(model)
     reader = SafetensorsReader(hf_dir)
-    get = reader.get
+    get = finite_tensors(reader.get, hf_dir)
     if arch.tie_word_embeddings is False and "lm_head.weight" not in reader.weight_map:
         raise KeyError(f"{hf_dir}: untied model without lm_head.weight")
     params = dict(gpt.named_parameters())
@@ -242,6 +242,20 @@ def load_hf_checkpoint(model, hf_dir: str | os.PathLike, arch: ModelArch, ctx, *
     missing = sorted(set(params) - filled)
     if missing:
         raise ValueError(f"HF checkpoint {hf_dir} left megatron parameters unset: {missing}")
+
+
+def finite_tensors(get, hf_dir):
+    """``get`` (name -> tensor) that raises ValueError naming the tensor when it holds NaN/inf:
+    non-finite weights are refused on import rather than trained on."""
+
+    def checked(name: str) -> torch.Tensor:
+        tensor = get(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{hf_dir}: tensor {name!r} has {bad} non-finite values (NaN/inf) of {tensor.numel()}")
+        return tensor
+
+    return checked
 
 
 # ----------------------------------------------------------------------------- megatron dist ckpt
@@ -384,12 +398,120 @@ def load_checkpoint(
             f"{ckpt_dir}: checkpoint vocabulary is padded to {meta.padded_vocab_size} rows, the model to "
             f"{gpt.pear_padded_vocab_size}; build the model with padded_vocab_size={meta.padded_vocab_size}"
         )
-    state = {"model": model_sharded_state_dict(gpt), **(extra or {})}
-    loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    model_sd = {k: v for k, v in model_sharded_state_dict(gpt).items() if not k.endswith(EXTRA_STATE)}
+    state = {"model": model_sd, **(extra or {})}
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_safe_to_load(ckpt_dir, state)
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, CheckpointingException, CheckpointException) as exc:
+        # truncated / missing shard files, keys the checkpoint lacks: name the checkpoint
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{ckpt_dir}: cannot load the checkpoint (truncated, incomplete or not written for "
+                         f"this model?): {type(exc).__name__}: {first[:500]}") from exc
     # The sharded state dict is keyed by prefixed names; the module's own state dict is not.
     loaded["model"] = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}
-    gpt.load_state_dict(loaded["model"], strict=True)
+    result = gpt.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{ckpt_dir}: the checkpoint does not fit the model: missing {missing}, "
+                         f"unexpected {result.unexpected_keys}")
     return loaded
+
+
+# ----------------------------------------------------------------------------- what loading may run
+
+#: Suffix of the per-module extra state (megatron's local linears: None; TransformerEngine's:
+#: FP8 scaling metadata). It is a pickled object in the checkpoint and never read: no run here
+#: trains in FP8, and skipping it lets a local-spec checkpoint load into a TE model (whose
+#: modules ask for extra-state objects the local spec never wrote) and vice versa.
+EXTRA_STATE = "_extra_state"
+
+# The globals a torch.distributed.checkpoint ``.metadata`` pickle refers to (torch 2.13): data
+# classes of the checkpoint planner and torch's dtype/size/layout reconstructors. Anything else
+# in it (a function, a class with side effects) makes the checkpoint unsafe.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                     "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+
+class UnsafeCheckpointError(ValueError):
+    """Loading the checkpoint would unpickle something other than tensors and plain data."""
+
+
+def _safe_metadata_class(module: str, name: str) -> bool:
+    if (module, name) in _METADATA_GLOBALS:
+        return True
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return True
+    if module in _METADATA_MODULES:
+        obj = getattr(__import__(module, fromlist=[name]), name, None)
+        # data classes, enums and the memory-format table only: no functions
+        return isinstance(obj, (type, dict))
+    return False
+
+
+def check_safe_to_load(ckpt_dir: str | os.PathLike, sharded_state: dict | None = None) -> None:
+    """Refuse a checkpoint whose loading would execute code, before anything of it is unpickled.
+
+    What a load reads, and how it is made safe:
+
+    - ``.metadata`` (torch.distributed.checkpoint's index, a pickle): unpickled here first with
+      only the checkpoint planner's data classes and torch dtypes allowed (``_METADATA_GLOBALS``);
+      a pickle that names anything else is refused.
+    - ``common.pt``: read with ``torch.load(weights_only=True)`` (tensors and plain containers).
+    - the requested keys of ``sharded_state`` (tensors of the model, the optimizer) must be tensor
+      entries: a key stored as pickled bytes (a ``ShardedObject``) is refused. pear-mega asks for
+      none (extra state is skipped; RNG and data state live in safetensors / JSON next to it).
+
+    Raises:
+        UnsafeCheckpointError (a ValueError) naming the file and what it refers to.
+        FileNotFoundError: no ``.metadata``.
+    """
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / ".metadata"
+    if not index.is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: not a complete torch_dist checkpoint (no .metadata)")
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if _safe_metadata_class(module, name):
+                return super().find_class(module, name)
+            raise UnsafeCheckpointError(f"{index}: the pickle refers to {module}.{name}, which a checkpoint "
+                                        "index never needs: refusing to load it (it could run code)")
+
+    try:
+        with open(index, "rb") as f:
+            metadata = Restricted(f).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # truncated or garbled: say which file
+        raise ValueError(f"{index}: unreadable checkpoint index ({type(exc).__name__}: {exc})") from exc
+    common = ckpt_dir / "common.pt"
+    if common.is_file():
+        try:
+            torch.load(common, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(f"{common}: holds objects other than tensors and plain data; refusing to "
+                                        f"load it ({str(exc).splitlines()[0]})") from None
+    if sharded_state is None:
+        return
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    stored = metadata.state_dict_metadata
+    for sh in nested_values(sharded_state):
+        if isinstance(sh, ShardedObject):
+            raise UnsafeCheckpointError(f"{ckpt_dir}: {sh.key} is requested as a pickled object")
+        key = getattr(sh, "key", None)
+        if key is not None and isinstance(stored.get(key), BytesStorageMetadata):
+            raise UnsafeCheckpointError(f"{ckpt_dir}: {key} is stored as pickled bytes, not as a tensor")
 
 
 # ----------------------------------------------------------------------------- megatron -> HF
@@ -585,6 +707,12 @@ def save_hf_checkpoint(
         size += nbytes
         total += nbytes
     flush()
+    # Weight files of an earlier export into the same directory that this one does not replace
+    # (an index next to a single file, shards of another count) would be read with the new ones.
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors.index.json",
+                  out / "model.safetensors"]:
+        if stale.is_file():
+            stale.unlink()
     if len(written) == 1:
         os.replace(written[0][0], out / "model.safetensors")
     else:

@@ -107,9 +107,23 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int 
     arch.check_pipeline_parallel(pp)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: output directory is not empty")
-    if streaming and not _distributed_world():
-        return _import_streaming(hf_dir, out_dir, arch, tp, pp, torch_dtype, progress)
-    return _import_in_memory(hf_dir, out_dir, arch, tp, pp, torch_dtype, progress)
+    existed = out_dir.exists()
+    try:
+        if streaming and not _distributed_world():
+            return _import_streaming(hf_dir, out_dir, arch, tp, pp, torch_dtype, progress)
+        return _import_in_memory(hf_dir, out_dir, arch, tp, pp, torch_dtype, progress)
+    except BaseException:
+        # A failed import leaves no partial checkpoint behind (a retry would find the directory
+        # not empty): the directory is put back as it was, empty or absent.
+        if out_dir.exists() and int(os.environ.get("RANK", "0")) == 0:
+            import shutil
+
+            if existed:
+                for child in out_dir.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            else:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def _import_streaming(hf_dir: Path, out_dir: Path, arch, tp: int, pp: int, dtype: torch.dtype, progress: bool) -> Path:
@@ -125,10 +139,13 @@ def _import_streaming(hf_dir: Path, out_dir: Path, arch, tp: int, pp: int, dtype
         stage_tensor_maps,
     )
 
+    from pear_mega.models.checkpoint import finite_tensors
+
     reader = SafetensorsReader(hf_dir, mmap=False)
     if arch.tie_word_embeddings is False and "lm_head.weight" not in reader.weight_map:
         raise KeyError(f"{hf_dir}: untied model without lm_head.weight")
     padded = arch.padded_vocab_size(tp)
+    get = finite_tensors(reader.get, hf_dir)
 
     def rank_shards(tp_rank: int, pp_rank: int):
         maps = stage_tensor_maps(arch, pp_rank, pp)
@@ -136,7 +153,7 @@ def _import_streaming(hf_dir: Path, out_dir: Path, arch, tp: int, pp: int, dtype
         # stop before it rather than read the embedding once more.
         if arch.tie_word_embeddings and maps[-1].megatron == "output_layer.weight":
             maps = maps[:-1]
-        shards = iter_megatron_shard(reader.get, arch, tp_rank, tp, pp_rank, pp, SPEC_TE, padded_vocab_size=padded)
+        shards = iter_megatron_shard(get, arch, tp_rank, tp, pp_rank, pp, SPEC_TE, padded_vocab_size=padded)
         for entry, (local, shard) in zip(maps, islice(shards, len(maps))):
             if canonical_name(local, arch, pp_rank, pp) != entry.megatron:
                 raise RuntimeError(f"mapping order changed: {local} where {entry.megatron} was expected")

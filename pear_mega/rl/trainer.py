@@ -46,6 +46,7 @@ from pear_mega.checkpointing import (
     latest_checkpoint,
     latest_step,
     load_checkpoint,
+    lock_checkpoint_dir,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -145,6 +146,8 @@ class RLTrainer:
         cfg.validate_run()
         self.cfg = cfg
         self.ctx = init_parallel(cfg.parallel)
+        # one writer per checkpoint directory (an orphaned worker and its restart must not share it)
+        self._dir_lock = lock_checkpoint_dir(cfg.checkpoint.dir, self.ctx) if cfg.checkpoint.dir else None
         self.is_rank0 = self.ctx.rank == 0
         self.dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.arch = ModelArch.from_hf(cfg.model.hf_path)
@@ -794,6 +797,8 @@ class RLTrainer:
     def close(self) -> None:
         from pear_mega.parallel import destroy_parallel
 
+        if self._dir_lock is not None:
+            self._dir_lock.close()
         self.rollout.close()
         if self.staging is not None:
             self.staging.close()

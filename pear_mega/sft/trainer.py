@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from pear_mega.checkpointing import latest_checkpoint, latest_step, load_checkpoint, save_checkpoint
+from pear_mega.checkpointing import (
+    latest_checkpoint,
+    latest_step,
+    load_checkpoint,
+    lock_checkpoint_dir,
+    save_checkpoint,
+)
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
 from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, build_optimizer, guarded_step, wrap_ddp
@@ -58,6 +64,8 @@ class SFTTrainer:
         cfg.validate_run()
         self.cfg = cfg
         self.ctx = init_parallel(cfg.parallel)
+        # one writer per checkpoint directory (an orphaned worker and its restart must not share it)
+        self._dir_lock = lock_checkpoint_dir(cfg.checkpoint.dir, self.ctx) if cfg.checkpoint.dir else None
         if cfg.train.global_batch_packs % self.ctx.dp_size:
             raise ValueError(
                 f"train.global_batch_packs={cfg.train.global_batch_packs} must be divisible by the "
@@ -325,4 +333,6 @@ class SFTTrainer:
     def close(self) -> None:
         from pear_mega.parallel import destroy_parallel
 
+        if self._dir_lock is not None:
+            self._dir_lock.close()
         destroy_parallel()
