@@ -434,7 +434,8 @@ EXTRA_STATE = "_extra_state"
 # in it (a function, a class with side effects) makes the checkpoint unsafe.
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                      "torch.distributed.checkpoint.filesystem")
-_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}  # the checkpoint id
 
 
 class UnsafeCheckpointError(ValueError):
