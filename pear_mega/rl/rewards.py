@@ -32,7 +32,6 @@ reasoning-gym tasks, ``check_prompt_answers`` unparseable math gold answers of a
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -207,45 +206,61 @@ def _math_equal_here(gold: str, answer: str) -> bool:
     return bool(answer_parsed) and bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
 
 
-def _math_child(conn) -> None:
-    """Child process loop: ``(gold, answer)`` in, ``(ok, result or error message)`` out."""
-    while True:
+def math_server() -> None:
+    """Child process loop (``_MathProcess``): JSON lines ``[gold, answer]`` on stdin,
+    ``[ok, result or error message]`` on stdout."""
+    import sys
+
+    replies, sys.stdout = sys.stdout, sys.stderr  # anything the libraries print stays off the protocol
+    for line in sys.stdin:
+        gold, answer = json.loads(line)
         try:
-            gold, answer = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send((True, _math_equal_here(gold, answer)))
+            reply = [True, _math_equal_here(gold, answer)]
         except ValueError as exc:
-            conn.send((False, str(exc)))
+            reply = [False, str(exc)]
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
 class _MathProcess:
-    """One thread's child process for math comparisons, killed and replaced after a timeout."""
+    """One thread's child process for math comparisons (a fresh interpreter running
+    ``math_server``, so nothing of the parent is re-imported or forked), killed and replaced
+    after a timeout."""
 
     _local = threading.local()
 
     def __init__(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded (torch) process
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_math_child, args=(child,), daemon=True)
-        self.process.start()
-        child.close()
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from pear_mega.rl.rewards import math_server; math_server()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.warm = False
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
     @classmethod
     def equal(cls, gold: str, answer: str, timeout: float) -> bool:
+        import select
+
         worker = getattr(cls._local, "worker", None)
-        if worker is None or not worker.process.is_alive():
+        if worker is None or worker.process.poll() is not None:
             worker = cls._local.worker = cls()
-        worker.conn.send((gold, answer))
-        # the first call also waits for the child's start (imports); later ones only for the work
-        if not worker.conn.poll(timeout + (30 if not getattr(worker, "warm", False) else 0)):
-            worker.process.kill()
-            worker.process.join()
+        worker.process.stdin.write(json.dumps([gold, answer]) + "\n")
+        worker.process.stdin.flush()
+        # the first call also waits for the child's start (its imports); later ones only for the work
+        wait = timeout + (0 if worker.warm else 60)
+        ready, _, _ = select.select([worker.process.stdout], [], [], wait)
+        line = worker.process.stdout.readline() if ready else ""
+        if not line:
+            worker.close()
             cls._local.worker = None
             return False
         worker.warm = True
-        ok, result = worker.conn.recv()
+        ok, result = json.loads(line)
         if not ok:
             raise ValueError(result)
         return bool(result)
