@@ -3,11 +3,13 @@
 Layout of a run's checkpoint directory::
 
     <ckpt_dir>/
+      .lock                   # flock of the run that writes here (its host, pid, start time)
       latest                  # text: name of the newest complete checkpoint, e.g. "iter_0000040"
       iter_0000040/           # one megatron dist_checkpointing (torch_dist) directory
-        metadata.json, common.pt, __*.distcp, ...
+        metadata.json, common.pt, .metadata, __*.distcp
         pear_mega.json, hf/   # model metadata (HF config, TP/PP, padded vocab): pear_mega.models
-        trainer_state.json    # human-readable run metadata: step, resolved config
+        trainer_state.json    # step, schedule, data position, layout, resolved config (JSON)
+        rng/                  # one safetensors file of RNG states per rank
 
 Inside a checkpoint the sharded state dict is ``{"model": ..., "optimizer": ...}``: the model
 part is written by ``pear_mega.models.save_checkpoint`` under megatron's own sharded keys and the
