@@ -35,6 +35,7 @@ def _smollm2(name: str, *, out_dir: str = "") -> StudyConfig:
         behavior=BehaviorConfig(shots=4, prompts=64, task_seed=0, n=4, temperature=1.0, max_tokens=12),
         sft=replace(sft, model=replace(sft.model, hf_path="pretrained:smollm2_135m_instruct"),
                     data=replace(sft.data, seq_length=512),
+                    optim=replace(sft.optim, lr=5e-5, min_lr=5e-6),
                     train=replace(sft.train, steps=12, global_batch_packs=2),
                     logging=replace(sft.logging, histogram_interval=0)),
         rl=replace(rl, model=replace(rl.model, hf_path="pretrained:smollm2_135m_instruct"),
@@ -43,7 +44,7 @@ def _smollm2(name: str, *, out_dir: str = "") -> StudyConfig:
                    optim=replace(rl.optim, lr=1e-5),
                    rollout=replace(rl.rollout, prompts_per_step=8, n=4, max_tokens=12),
                    train=replace(rl.train, steps=8, seq_length=256)),
-        eval=EvalSettings(size=48, n=4, ks=(1, 4), max_tokens=12, shifted=json.dumps({"products": PRODUCTS_1DIGIT})),
+        eval=EvalSettings(size=64, n=4, ks=(1, 4), max_tokens=12, shifted=json.dumps({"products": PRODUCTS_1DIGIT})),
     )
 
 

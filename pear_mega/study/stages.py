@@ -57,13 +57,17 @@ class Stage:
     inputs: dict
     """The resolved settings this stage's outputs depend on (hashed with its dependencies' hashes)."""
     outputs: list[Path]
-    run: Callable[[Path], None]
-    """run(log_path): produce ``outputs``; raise StudyError on failure."""
+    run: Callable[[list[Stage], Path], None]
+    """run(stages, log_path): produce the outputs of ``stages`` (this one, or this one and the
+    next stages of its ``group``); raise StudyError on failure."""
     deps: list[str] = field(default_factory=list)
     arm: str | None = None
     seed: int | None = None
     workdirs: list[Path] = field(default_factory=list)
     """Removed before the stage runs (what an interrupted or outdated run left)."""
+    group: str = ""
+    """Consecutive pending stages of one group run as one process (the evaluations of a seed's
+    arms share one engine start: it costs more than the evaluation of a small model)."""
     hash: str = ""
 
 
@@ -228,30 +232,36 @@ class StudyPlan:
         self._add(Stage("behavior", "behavior", behavior_inputs,
                         [self.behavior_file(), self.behavior_file().with_suffix(".json")], self._run_behavior,
                         workdirs=[self.behavior_file().parent]))
+        # Per seed, kind by kind over the arms: the evaluations of a seed's arms run back to back
+        # (one engine, see Stage.group); a seed's chains are complete when its last stage is.
         for seed in cfg.study.seeds:
-            for arm in cfg.study.arms:
-                tag = f"{arm}/seed{seed}"
-                sft, sft_dir, sft_model = self.sft_config(arm, seed), self.run_dir("sft", arm, seed), self.sft_model(arm, seed)
-                self._add(Stage(f"sft/{tag}", "sft", {"config": to_dict(sft), "recipe": cfg.study.sft_recipe},
-                                [sft_model / "config.json", sft_dir / "metrics.jsonl"], self._sft_runner(sft, arm, seed),
-                                ["behavior"], arm, seed, workdirs=[sft_model, sft_dir]))
-                pre = self.run_dir("eval_pre", arm, seed)
-                self._add(Stage(f"eval_pre/{tag}", "eval_pre", self.eval_spec(sft_model, seed, pre),
-                                [pre / "results.json"], self._eval_runner(sft_model, seed, pre),
-                                [f"sft/{tag}"], arm, seed, workdirs=[pre]))
-                rl, rl_dir, rl_model = self.rl_config(arm, seed), self.run_dir("rl", arm, seed), self.rl_model(arm, seed)
-                self._add(Stage(f"rl/{tag}", "rl", {"config": to_dict(rl), "recipe": cfg.study.rl_recipe},
-                                [rl_model / "config.json", rl_dir / "metrics.jsonl"], self._rl_runner(rl, arm, seed),
-                                [f"sft/{tag}"], arm, seed, workdirs=[rl_model, rl_dir]))
-                post = self.run_dir("eval_post", arm, seed)
-                self._add(Stage(f"eval_post/{tag}", "eval_post", self.eval_spec(rl_model, seed, post),
-                                [post / "results.json"], self._eval_runner(rl_model, seed, post),
-                                [f"rl/{tag}"], arm, seed, workdirs=[post]))
-                if cfg.study.alignment:
-                    out = self.run_dir("alignment", arm, seed) / "alignment.json"
-                    self._add(Stage(f"alignment/{tag}", "alignment", {"init": str(self.init_model)}, [out],
-                                    self._alignment_runner(arm, seed, out), [f"sft/{tag}", f"rl/{tag}"], arm, seed,
-                                    workdirs=[out.parent]))
+            for kind in KINDS[1:]:
+                for arm in cfg.study.arms:
+                    self._add_stage(kind, arm, seed)
+
+    def _add_stage(self, kind: str, arm: str, seed: int) -> None:
+        cfg, tag = self.cfg, f"{arm}/seed{seed}"
+        sft_model, rl_model = self.sft_model(arm, seed), self.rl_model(arm, seed)
+        if kind == "sft":
+            sft, run_dir = self.sft_config(arm, seed), self.run_dir("sft", arm, seed)
+            self._add(Stage(f"sft/{tag}", "sft", {"config": to_dict(sft), "recipe": cfg.study.sft_recipe},
+                            [sft_model / "config.json", run_dir / "metrics.jsonl"], self._sft_runner(sft, arm, seed),
+                            ["behavior"], arm, seed, workdirs=[sft_model, run_dir]))
+        elif kind == "rl":
+            rl, run_dir = self.rl_config(arm, seed), self.run_dir("rl", arm, seed)
+            self._add(Stage(f"rl/{tag}", "rl", {"config": to_dict(rl), "recipe": cfg.study.rl_recipe},
+                            [rl_model / "config.json", run_dir / "metrics.jsonl"], self._rl_runner(rl, arm, seed),
+                            [f"sft/{tag}"], arm, seed, workdirs=[rl_model, run_dir]))
+        elif kind in ("eval_pre", "eval_post"):
+            model, dep = (sft_model, f"sft/{tag}") if kind == "eval_pre" else (rl_model, f"rl/{tag}")
+            out = self.run_dir(kind, arm, seed)
+            self._add(Stage(f"{kind}/{tag}", kind, self.eval_spec(model, seed, out), [out / "results.json"],
+                            self._run_eval, [dep], arm, seed, workdirs=[out], group=f"{kind}/seed{seed}"))
+        elif kind == "alignment" and cfg.study.alignment:
+            out = self.run_dir("alignment", arm, seed) / "alignment.json"
+            self._add(Stage(f"alignment/{tag}", "alignment", {"init": str(self.init_model)}, [out],
+                            self._alignment_runner(arm, seed, out), [f"sft/{tag}", f"rl/{tag}"], arm, seed,
+                            workdirs=[out.parent]))
 
     def _add(self, stage: Stage) -> None:
         known = {s.id: s for s in self.stages}
@@ -262,7 +272,7 @@ class StudyPlan:
         return _hash([s.hash for s in self.stages])
 
     # -------------------------------------------------------------- runners
-    def _run_behavior(self, log: Path) -> None:
+    def _run_behavior(self, stages: list[Stage], log: Path) -> None:
         cfg, b = self.cfg, self.cfg.behavior
         out = self.behavior_file()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +301,7 @@ class StudyPlan:
         out.with_suffix(".json").write_text(json.dumps(record, indent=2))
 
     def _sft_runner(self, sft, arm: str, seed: int):
-        def run(log: Path) -> None:
+        def run(stages: list[Stage], log: Path) -> None:
             from pear_mega.sft.recipes import RECIPES
 
             overrides = overrides_for(RECIPES, self.cfg.study.sft_recipe, sft)
@@ -303,7 +313,7 @@ class StudyPlan:
         return run
 
     def _rl_runner(self, rl, arm: str, seed: int):
-        def run(log: Path) -> None:
+        def run(stages: list[Stage], log: Path) -> None:
             from pear_mega.rl.recipes import RECIPES
 
             overrides = overrides_for(RECIPES, self.cfg.study.rl_recipe, rl)
@@ -312,17 +322,17 @@ class StudyPlan:
                           "--metrics-out", str(metrics), *overrides], log, cwd=_repo_root())
         return run
 
-    def _eval_runner(self, model: Path, seed: int, out: Path):
-        def run(log: Path) -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            spec = out / "spec.json"
-            spec.write_text(json.dumps(self.eval_spec(model, seed, out), indent=2))
-            _run_process([sys.executable, "-m", "pear_mega.study.stages", "eval", str(spec)], log,
-                         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-        return run
+    def _run_eval(self, stages: list[Stage], log: Path) -> None:
+        """pass@k of the stages' models in one process (one engine, reloaded per model)."""
+        for stage in stages:
+            Path(stage.inputs["out"]).mkdir(parents=True, exist_ok=True)
+        spec = Path(stages[0].inputs["out"]) / "spec.json"
+        spec.write_text(json.dumps({"runs": [stage.inputs for stage in stages]}, indent=2))
+        _run_process([sys.executable, "-m", "pear_mega.study.stages", "eval", str(spec)], log,
+                     env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
 
     def _alignment_runner(self, arm: str, seed: int, out: Path):
-        def run(log: Path) -> None:
+        def run(stages: list[Stage], log: Path) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             spec = out.with_name("spec.json")
             spec.write_text(json.dumps({"init": str(self.init_model), "sft": str(self.sft_model(arm, seed)),
@@ -458,36 +468,48 @@ def run_stages(plan: StudyPlan, *, until: str | None = None, seeds: tuple[int, .
             total += guess
         return total
 
-    for i, stage in enumerate(stages):
-        prefix = f"[{i + 1:>{len(str(len(stages)))}}/{len(stages)}] {stage.id:<{width}}"
+    digits = len(str(len(stages)))
+    i = 0
+    while i < len(stages):
+        stage = stages[i]
         if manifest.done(stage):
+            batch = [stage]
             status[stage.id] = "skipped"
-            print_fn(f"{prefix}  skipped (done)          | elapsed {_fmt(time.perf_counter() - start)} "
-                     f"| ETA {_fmt(eta(stages[i + 1:]))}")
+            print_fn(f"[{i + 1:>{digits}}/{len(stages)}] {stage.id:<{width}}  skipped (done)  "
+                     f"| elapsed {_fmt(time.perf_counter() - start)} | ETA {_fmt(eta(stages[i + 1:]))}")
         else:
-            manifest.forget(stage)
-            _clear_outputs(stage)
-            log = plan.dir / "logs" / f"{stage.id.replace('/', '__')}.log"
+            batch = [stage]
+            while (stage.group and i + len(batch) < len(stages) and stages[i + len(batch)].group == stage.group
+                   and not manifest.done(stages[i + len(batch)])):
+                batch.append(stages[i + len(batch)])
+            for s in batch:
+                manifest.forget(s)
+                _clear_outputs(s)
+            log = plan.dir / "logs" / f"{(stage.group if len(batch) > 1 else stage.id).replace('/', '__')}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("")
             t0 = time.perf_counter()
             try:
-                stage.run(log)
+                stage.run(batch, log)
             except StudyError as exc:
-                print_fn(f"{prefix}  FAILED after {_fmt(time.perf_counter() - t0)}: {exc}")
+                print_fn(f"[{i + 1:>{digits}}/{len(stages)}] {stage.id:<{width}}  FAILED after "
+                         f"{_fmt(time.perf_counter() - t0)}: {exc}")
                 raise StudyError(f"stage {stage.id} failed; full log: {log}") from exc
-            missing = [str(p) for p in stage.outputs if not p.exists()]
-            if missing:
-                raise StudyError(f"stage {stage.id} finished without writing {missing}; log: {log}")
             seconds = time.perf_counter() - t0
-            manifest.record(stage, seconds)
-            measured.setdefault(stage.kind, []).append(seconds)
-            status[stage.id] = "ran"
-            print_fn(f"{prefix}  done in {_fmt(seconds):>6}          | elapsed {_fmt(time.perf_counter() - start)} "
-                     f"| ETA {_fmt(eta(stages[i + 1:]))}")
-        last_of_seed = stage.seed is not None and all(s.seed != stage.seed for s in stages[i + 1:])
-        if last_of_seed and on_seed_done is not None:
-            on_seed_done(stage.seed)
+            for j, s in enumerate(batch):
+                missing = [str(p) for p in s.outputs if not p.exists()]
+                if missing:
+                    raise StudyError(f"stage {s.id} finished without writing {missing}; log: {log}")
+                manifest.record(s, seconds / len(batch))
+                measured.setdefault(s.kind, []).append(seconds / len(batch))
+                status[s.id] = "ran"
+                took = f"done in {_fmt(seconds):>5}" if j == 0 else "done (same process)"
+                print_fn(f"[{i + j + 1:>{digits}}/{len(stages)}] {s.id:<{width}}  {took:<19} "
+                         f"| elapsed {_fmt(time.perf_counter() - start)} | ETA {_fmt(eta(stages[i + j + 1:]))}")
+        i += len(batch)
+        last = batch[-1]
+        if last.seed is not None and on_seed_done is not None and all(s.seed != last.seed for s in stages[i:]):
+            on_seed_done(last.seed)
     return status
 
 
@@ -556,24 +578,40 @@ def probe_summary(plan: StudyPlan) -> dict:
 
 # ---------------------------------------------------------------------------- subprocess workers
 def _eval_worker(spec_path: str) -> None:
-    """pass@k of one model on the study's suites (``pear_mega.evaluation``), written to results.json."""
+    """pass@k of each model of the spec on the study's suites (``pear_mega.evaluation``), each
+    written to its ``out``/results.json. One engine: built on the first model, reloaded in place
+    with the next one's weights; the sampler is reseeded with the run's ``engine_seed`` before each
+    model, so every model of a seed draws the same random numbers (as a fresh engine would)."""
+    import torch
+
     from pear_mega.evaluation import evaluate_suites, reasoning_gym_suite, results_table, write_results
+    from pear_mega.models.checkpoint import SafetensorsReader
     from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
 
-    spec = json.loads(Path(spec_path).read_text())
+    runs = json.loads(Path(spec_path).read_text())["runs"]
+    shared = ("suites", "size", "seed", "num_shots", "max_model_len")
+    for run in runs[1:]:
+        if any(run[k] != runs[0][k] for k in shared):
+            raise ValueError(f"{spec_path}: runs evaluated by one engine must share {shared}")
+    first = runs[0]
     suites = []
-    for name, (task, settings) in spec["suites"].items():
-        suite = reasoning_gym_suite(task, spec["size"], spec["seed"], spec["num_shots"], settings)
+    for name, (task, settings) in first["suites"].items():
+        suite = reasoning_gym_suite(task, first["size"], first["seed"], first["num_shots"], settings)
         suite.name = name
         suites.append(suite)
-    engine = RolloutEngine(RolloutConfig(model=spec["model"], max_model_len=spec["max_model_len"],
-                                         seed=spec["engine_seed"]))
+    engine = RolloutEngine(RolloutConfig(model=first["model"], max_model_len=first["max_model_len"],
+                                         seed=first["engine_seed"]))
     try:
-        start = time.perf_counter()
-        results = evaluate_suites(engine, suites, n=spec["n"], ks=spec["ks"], temperature=spec["temperature"],
-                                  max_tokens=spec["max_tokens"])
-        write_results(results, spec["out"], {**spec, "seconds": time.perf_counter() - start})
-        print(results_table(results), flush=True)
+        for i, run in enumerate(runs):
+            if i:
+                reader = SafetensorsReader(run["model"])
+                engine.update_weights((name, reader.get(name)) for name in reader.names())
+            torch.manual_seed(run["engine_seed"])
+            start = time.perf_counter()
+            results = evaluate_suites(engine, suites, n=run["n"], ks=run["ks"], temperature=run["temperature"],
+                                      max_tokens=run["max_tokens"])
+            write_results(results, run["out"], {**run, "seconds": time.perf_counter() - start})
+            print(f"{run['model']}:\n{results_table(results)}", flush=True)
     finally:
         engine.close()
 
