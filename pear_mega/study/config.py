@@ -89,6 +89,8 @@ class StudySettings:
     """Compute cos(θ_SFT − θ_0, θ_RL − θ_SFT) per arm and seed (reads three HF checkpoints)."""
     keep_sft_checkpoints: bool = False
     """Keep the SFT runs' megatron checkpoints (the exported HF models are always kept)."""
+    nproc_per_node: int = 1
+    """Trainer processes of the SFT and RL stages (> 1: launched with torchrun --standalone)."""
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -97,6 +99,8 @@ class StudySettings:
             raise ValueError("study.seeds: give at least one seed")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ValueError(f"study.seeds must be distinct and >= 0, got {list(self.seeds)}")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"study.nproc_per_node must be >= 1, got {self.nproc_per_node}")
         if not self.arms:
             raise ValueError("study.arms: give at least one arm")
         if len(set(self.arms)) != len(self.arms):

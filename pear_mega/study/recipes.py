@@ -92,3 +92,67 @@ def tiny_study() -> StudyConfig:
                    train=replace(rl.train, steps=2, seq_length=256)),
         eval=EvalSettings(size=4, n=2, ks=(1, 2), max_tokens=8, shifted=json.dumps({"products": PRODUCTS_1DIGIT})),
     )
+
+
+# Public config values of Qwen2.5-1.5B-Instruct (planning needs no download).
+QWEN25_1P5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                   num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+
+
+@RECIPES.register
+def qwen25_1p5b_logic_gpu_study() -> StudyConfig:
+    """NOT RUN (no GPU cluster was available). One 8xH100 node: a 1.5B instruct student on a 7B teacher's samples.
+
+    πβ is Qwen2.5-7B-Instruct (same tokenizer as the student: the stored token ids are trained
+    as they are) answering reasoning-gym ``knights_knaves`` with two demonstrations; the student,
+    Qwen2.5-1.5B-Instruct, is trained on the zero-shot prompt. Arms: all four PEAR levels and a
+    3x-steps plain-SFT arm, 3 seeds; identical GRPO (DAPO-style clip-higher, token-level loss)
+    from each; pass@1/pass@8 on held-out knights_knaves and on the shifted zebra_puzzles and
+    propositional_logic. Set the model paths, then
+    ``python -m pear_mega.study --recipe qwen25_1p5b_logic_gpu_study``.
+
+    Memory per GPU (``pear_mega.plan``: ``plan_memory`` / ``plan_rl`` with the shape in
+    ``QWEN25_1P5B``, 80 GiB H100, 4 GiB overhead): SFT at TP=1 x DP=8, two 4096-token packs per GPU,
+    distributed optimizer, no recompute: 27.9 GiB (activations 12.0). GRPO at TP=1 x DP=8 with one
+    vLLM engine per GPU (gpu_memory_utilization 0.35, allowed range [0.062, 0.662]), reference
+    model and update-sparsity copies on the GPU: 55.0 GiB during rollouts, 45.5 GiB while training;
+    KV cache 23.1 GiB = 423 full 2048-token sequences. Fits.
+
+    Time (an estimate, not a measurement): behavior data 2048 prompts x 4 answers (~0.6M tokens
+    from the 7B at ~2.5k tok/s per GPU on 8 GPUs): ~1 min; SFT 300 steps of 16 x 4096 tokens
+    (~6·1.5e9·2e7 FLOPs at 35 % of 8 x 990 TFLOPS): ~1 min plus start-up; GRPO 150 steps of 64
+    prompts x 8 samples of <= 1024 tokens (rollout-bound, ~20 s per step): ~50 min per run;
+    evaluation 3 suites x 200 prompts x 8 samples on one engine: ~10 min per model. 15 chains
+    (5 arms x 3 seeds): ~15 x (50 + 2 x 10 + 5) min ≈ 19 hours on the node.
+    """
+    sft = SFT_RECIPES.build("qwen3_8b_pear_sft")
+    rl = RL_RECIPES.build("llama3_70b_grpo")
+    student, teacher = "/models/Qwen2.5-1.5B-Instruct", "/models/Qwen2.5-7B-Instruct"
+    logic = json.dumps({})
+    return StudyConfig(
+        study=StudySettings(name="qwen25_1p5b_logic", out_dir="/checkpoints/studies/qwen25_1p5b_logic",
+                            seeds=(0, 1, 2), arms=("none", "token", "block", "sequence", "none_3x"),
+                            sft_recipe="qwen3_8b_pear_sft", rl_recipe="llama3_70b_grpo", nproc_per_node=8),
+        behavior=BehaviorConfig(model=teacher, shots=2, prompts=2048, task_seed=0, n=4, temperature=1.0,
+                                max_tokens=1024),
+        sft=replace(sft, model=replace(sft.model, hf_path=student, recompute_activations=False),
+                    data=replace(sft.data, seq_length=4096),
+                    parallel=replace(sft.parallel, tensor_parallel=1, pipeline_parallel=1),
+                    optim=replace(sft.optim, lr=1e-5, min_lr=1e-6, warmup_steps=20),
+                    train=replace(sft.train, steps=300, global_batch_packs=16),
+                    logging=replace(sft.logging, histogram_interval=50)),
+        rl=replace(rl, model=replace(rl.model, hf_path=student, recompute_activations=False),
+                   task=replace(rl.task, source="reasoning_gym", tasks=("knights_knaves",), task_config=logic,
+                                size=4096, seed=7, num_shots=0, prompts_file=""),
+                   rollout=replace(rl.rollout, prompts_per_step=64, n=8, max_tokens=1024, max_model_len=2048,
+                                   tensor_parallel_size=1, num_engines=0, gpu_memory_utilization=0.35),
+                   parallel=replace(rl.parallel, tensor_parallel=1, pipeline_parallel=1),
+                   algorithm=replace(rl.algorithm, minibatches=1),
+                   optim=replace(rl.optim, lr=1e-6),
+                   train=replace(rl.train, steps=150, seq_length=4096),
+                   refit=replace(rl.refit, tol=0.5, verify_interval=10, bucket_mb=512),
+                   # The study's diagnostics: KL to the SFT model and update sparsity along RL.
+                   logging=replace(rl.logging, kl_to_init=True, update_sparsity=True)),
+        eval=EvalSettings(size=200, n=8, ks=(1, 8), max_tokens=1024,
+                          shifted=json.dumps({"zebra_puzzles": {}, "propositional_logic": {}})),
+    )

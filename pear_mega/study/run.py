@@ -134,6 +134,7 @@ def run_study(cfg: StudyConfig, *, recipe: str, command: str, until: str | None 
                 print_fn(f"study {cfg.study.name}: {len(cfg.study.seeds)} seed(s) x arms {', '.join(cfg.study.arms)} "
                          f"-> {plan.dir}  (logs: {plan.dir / 'logs'})")
                 run_stages(plan, until=until, estimates=ESTIMATES, print_fn=print_fn,
+                           live=print_fn is print and sys.stdout.isatty(),
                            on_seed_done=None if until else (lambda seed: write_study_report(plan, meta)))
             if until in ("sft", "eval_pre"):
                 probe = probe_summary(plan)

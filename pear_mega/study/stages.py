@@ -300,13 +300,20 @@ class StudyPlan:
             record["collect"] = log.read_text(errors="replace").strip().splitlines()[-1]
         out.with_suffix(".json").write_text(json.dumps(record, indent=2))
 
+    def _launcher(self) -> list[str]:
+        """``python -m`` (one process) or ``torchrun --standalone --nproc-per-node N -m``."""
+        n = self.cfg.study.nproc_per_node
+        if n == 1:
+            return [sys.executable, "-m"]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m"]
+
     def _sft_runner(self, sft, arm: str, seed: int):
         def run(stages: list[Stage], log: Path) -> None:
             from pear_mega.sft.recipes import RECIPES
 
             overrides = overrides_for(RECIPES, self.cfg.study.sft_recipe, sft)
             metrics = self.run_dir("sft", arm, seed) / "metrics.jsonl"
-            _run_process([sys.executable, "-m", "pear_mega.train_sft", "--recipe", self.cfg.study.sft_recipe,
+            _run_process([*self._launcher(), "pear_mega.train_sft", "--recipe", self.cfg.study.sft_recipe,
                           "--metrics-out", str(metrics), *overrides], log, cwd=_repo_root())
             if not self.cfg.study.keep_sft_checkpoints:
                 shutil.rmtree(sft.checkpoint.dir, ignore_errors=True)
@@ -318,7 +325,7 @@ class StudyPlan:
 
             overrides = overrides_for(RECIPES, self.cfg.study.rl_recipe, rl)
             metrics = self.run_dir("rl", arm, seed) / "metrics.jsonl"
-            _run_process([sys.executable, "-m", "pear_mega.train_rl", "--recipe", self.cfg.study.rl_recipe,
+            _run_process([*self._launcher(), "pear_mega.train_rl", "--recipe", self.cfg.study.rl_recipe,
                           "--metrics-out", str(metrics), *overrides], log, cwd=_repo_root())
         return run
 
@@ -433,7 +440,7 @@ def _clear_outputs(stage: Stage) -> None:
 
 def run_stages(plan: StudyPlan, *, until: str | None = None, seeds: tuple[int, ...] | None = None,
                estimates: dict[str, float] | None = None, print_fn=print,
-               on_seed_done: Callable[[int], None] | None = None) -> dict[str, str]:
+               on_seed_done: Callable[[int], None] | None = None, live: bool = False) -> dict[str, str]:
     """Run (or skip) every stage in order. Returns stage id → 'ran' | 'skipped'.
 
     Args:
@@ -441,6 +448,7 @@ def run_stages(plan: StudyPlan, *, until: str | None = None, seeds: tuple[int, .
         seeds: only these seeds' chains (default: all).
         estimates: seconds per stage kind for the ETA before a stage of that kind has run.
         on_seed_done: called after the last stage of each seed (e.g. to refresh the report).
+        live: also print a "running" line before each stage (``print_fn`` must accept ``end``).
     """
     if until is not None and until not in KINDS:
         raise StudyError(f"--until must be one of {KINDS}, got {until!r}")
@@ -488,6 +496,9 @@ def run_stages(plan: StudyPlan, *, until: str | None = None, seeds: tuple[int, .
             log = plan.dir / "logs" / f"{(stage.group if len(batch) > 1 else stage.id).replace('/', '__')}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("")
+            if live:  # a terminal: say what runs now; the stage's own line overwrites this one
+                print_fn(f"[{i + 1:>{digits}}/{len(stages)}] {stage.id:<{width}}  running ... "
+                         f"| elapsed {_fmt(time.perf_counter() - start)} | ETA {_fmt(eta(stages[i:]))}", end="\r")
             t0 = time.perf_counter()
             try:
                 stage.run(batch, log)
