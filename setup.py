@@ -32,7 +32,7 @@ GPU = [
     "triton",
     MEGATRON,
     "vllm==0.32.0",
-    "transformer-engine[pytorch]",
+    "transformer-engine[pytorch]>=2.9,<2.12",  # megatron-core 0.16.1's declared range
     "numpy",
     "psutil",
     "tensorboard",

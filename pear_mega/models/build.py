@@ -74,12 +74,9 @@ def _sdpa_attention_class():
             q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
             k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
             v = value.permute(1, 2, 0, 3)
-            if attention_mask is not None:
-                mask, is_causal = ~attention_mask, False  # SDPA: True = attend
-            else:
-                mask, is_causal = None, mask_type == AttnMaskType.causal
+            k, v, mask, is_causal, gqa = sdpa_inputs(q, k, v, attention_mask, mask_type == AttnMaskType.causal,
+                                                     expand_kv=q.is_cuda)
             dropout_p = self.attention_dropout.p if self.training else 0.0
-            gqa = q.shape[1] != k.shape[1]
             dtype = q.dtype
             if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
                 # On CPUs without bf16 instructions torch's flash kernel is 4-7x slower in bf16
@@ -106,16 +103,41 @@ def _sdpa_attention_class():
 SDPAttention: Any = None
 
 
+def sdpa_inputs(q, k, v, attention_mask, causal: bool, expand_kv: bool):
+    """``(k, v, attn_mask, is_causal, enable_gqa)`` for ``scaled_dot_product_attention``.
+
+    q ``[b, np, sq, hn]``, k/v ``[b, ng, sk, hn]``; ``attention_mask`` bool, True = masked (megatron),
+    or None for plain causal attention when ``causal``. ``expand_kv`` (CUDA): repeat each KV group
+    for its ``np / ng`` query heads instead of ``enable_gqa=True``: no fused CUDA kernel takes
+    ``enable_gqa`` together with a mask, and PyTorch would fall back to the math kernel
+    (``O(s²)`` memory per head); with expanded K/V the memory-efficient kernel takes the mask, and a
+    single-sequence pack (no mask, ``is_causal``) runs flash attention. Same values either way.
+    """
+    if attention_mask is not None:
+        mask, is_causal = ~attention_mask, False  # SDPA: True = attend
+    else:
+        mask, is_causal = None, causal
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and expand_kv:
+        group = q.shape[1] // k.shape[1]  # query head i uses KV group i // group, as enable_gqa does
+        k, v, gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
+    return k, v, mask, is_causal, gqa
+
+
 def resolve_use_te(use_te: bool | None) -> bool:
     """``use_te=None`` means: TE when it imports and CUDA is present. ``True`` without TE raises."""
     from pear_mega.platform import te_available, use_gpu
 
-    available = te_available() and use_gpu()
+    if use_te is False:
+        return False
+    gpu = use_gpu()
+    te = te_available() if (gpu or use_te) else False  # raises when TE is installed but broken
     if use_te is None:
-        return available
-    if use_te and not available:
-        raise ValueError("use_te=True needs Transformer Engine and a CUDA device; neither is usable here")
-    return bool(use_te)
+        return te and gpu
+    if not (te and gpu):
+        missing = " and ".join(x for x, ok in (("Transformer Engine", te), ("a CUDA device", gpu)) if not ok)
+        raise ValueError(f"use_te=True needs Transformer Engine and a CUDA device; missing here: {missing}")
+    return True
 
 
 def layer_spec(arch: ModelArch, use_te: bool):
@@ -173,7 +195,9 @@ def transformer_config(arch: ModelArch, ctx, dtype: torch.dtype = torch.float32,
         # calls; within one call every microbatch has the same length (no shape exchange).
         variable_seq_lengths=False,
         apply_rope_fusion=gpu and use_te,
-        bias_dropout_fusion=gpu,
+        # no bias and no dropout in these models: the fused op would only add a compile (and a
+        # recompile per new RL sequence length) for an identity
+        bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         masked_softmax_fusion=False,
@@ -281,7 +305,8 @@ def _fix_local_norm_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
             module.to(dtype)
 
 
-def attention_inputs(cu_seqlens: torch.Tensor, seq_len: int, device, *, use_te: bool | None = None):
+def attention_inputs(cu_seqlens: torch.Tensor, seq_len: int, device, *, use_te: bool | None = None,
+                     causal_without_mask: bool | None = None):
     """Positions and attention structure of one pack of sequences.
 
     Args:
@@ -291,11 +316,14 @@ def attention_inputs(cu_seqlens: torch.Tensor, seq_len: int, device, *, use_te: 
         device: where the returned tensors live.
         use_te: as in ``build_gpt_model`` (None = TE on GPU when available); selects the mask
             (local spec) or ``PackedSeqParams`` (TE spec).
+        causal_without_mask: local spec, a pack that is one sequence without padding: return no
+            mask, so attention runs causal (``is_causal``, a fused flash kernel on CUDA) instead of
+            through an ``[s, s]`` mask. None = on a CUDA ``device``.
     Returns:
         ``(position_ids [1, s] int64`` reset to 0 at every sequence start,
         ``attention_mask``: bool ``[1, 1, s, s]``, True = masked, block-diagonal causal (local
-        spec) or None (TE spec), ``packed_seq_params``: ``PackedSeqParams(qkv_format="thd")``
-        (TE spec) or None (local spec)``)``.
+        spec), None (TE spec, or one sequence with ``causal_without_mask``), ``packed_seq_params``:
+        ``PackedSeqParams(qkv_format="thd")`` (TE spec) or None (local spec)``)``.
     """
     cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).flatten().cpu()
     if cu.numel() < 2 or cu[0].item() != 0:
@@ -320,6 +348,10 @@ def attention_inputs(cu_seqlens: torch.Tensor, seq_len: int, device, *, use_te: 
             qkv_format="thd", cu_seqlens_q=cu32, cu_seqlens_kv=cu32, max_seqlen_q=max_len, max_seqlen_kv=max_len
         )
         return position_ids, None, params
+    if causal_without_mask is None:
+        causal_without_mask = torch.device(device).type == "cuda"
+    if causal_without_mask and lengths.numel() == 1:
+        return position_ids, None, None
     idx = torch.arange(seq_len)
     allowed = (seq_id[:, None] == seq_id[None, :]) & (idx[None, :] <= idx[:, None])
     return position_ids, (~allowed).view(1, 1, seq_len, seq_len).to(device), None

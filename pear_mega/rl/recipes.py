@@ -117,7 +117,8 @@ def llama3_70b_grpo() -> RLConfig:
     """
     return RLConfig(
         name="llama3_70b_grpo",
-        model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True),
+        model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True,
+                          use_te=True),
         task=TaskConfig(source="jsonl", prompts_file="/data/rl/math_train.jsonl", num_shots=0, seed=0),
         rollout=RolloutSettings(prompts_per_step=64, n=16, temperature=1.0, max_tokens=4096, max_model_len=6144,
                                 gpu_memory_utilization=0.0, offload_optimizer=True, sleep_level=2,

@@ -71,7 +71,7 @@ def qwen3_8b_pear_sft() -> SFTConfig:
     """One 8xH100 node: Qwen3-8B, bf16, TP=2 x DP=4, 8k-token packs, distributed optimizer."""
     return SFTConfig(
         name="qwen3_8b_pear_sft",
-        model=ModelConfig(hf_path="/models/Qwen3-8B", dtype="bfloat16"),
+        model=ModelConfig(hf_path="/models/Qwen3-8B", dtype="bfloat16", use_te=True),
         data=DataConfig(train_files=("/data/pear/train.jsonl",), seq_length=8192),
         pear=PearConfig(level="block", block_size=4),
         parallel=ParallelConfig(tensor_parallel=2, pipeline_parallel=1),
@@ -90,7 +90,8 @@ def llama3_70b_pear_sft() -> SFTConfig:
     """
     return SFTConfig(
         name="llama3_70b_pear_sft",
-        model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True),
+        model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True,
+                          use_te=True),
         data=DataConfig(train_files=("/data/pear/train.jsonl",), seq_length=8192),
         pear=PearConfig(level="block", block_size=4),
         parallel=ParallelConfig(tensor_parallel=8, pipeline_parallel=4),
