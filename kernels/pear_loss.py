@@ -59,7 +59,12 @@ def _combine_tp_stats(stats: Tensor, tp_group, inv_temperature: float | None = N
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
     if world == 1:
         return stats
-    m_r, s_r, w_r, t_r, *st_r = all_gather_rows(stats, tp_group).unbind(-1)  # each [world, T]
+    return merge_shard_stats(all_gather_rows(stats, tp_group), inv_temperature)
+
+
+def merge_shard_stats(per_shard: Tensor, inv_temperature: float | None = None) -> Tensor:
+    """Global (m, s, w, tgt[, s_τ]) ``[T, 4 or 5]`` from every vocab shard's ``[world, T, 4 or 5]``."""
+    m_r, s_r, w_r, t_r, *st_r = per_shard.unbind(-1)  # each [world, T]
     m = m_r.max(dim=0).values
     m_safe = torch.where(torch.isinf(m), 0.0, m)
     scale = torch.exp(m_r - m_safe)  # 0 for shards that are pure padding (m_r = -inf)
