@@ -173,6 +173,13 @@ def _optimizer_state(model_chunks, optimizer, loading: bool) -> dict:
     return {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)}
 
 
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return optimizer is not None and any(isinstance(opt, DistributedOptimizer)
+                                         for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _init_empty_optimizer_state(optimizer) -> None:
     """Give a distributed optimizer that has not stepped yet its (dummy) Adam state.
 
@@ -257,6 +264,7 @@ def save_checkpoint(
         before_publish()
     if ctx.rank == 0:
         state = {"step": step, "layout": layout_of(ctx), "params_finite": True,
+                 "distributed_optimizer": _is_distributed(optimizer),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "data": data_state, **metadata}
         (tmp / TRAINER_META).write_text(json.dumps(state, indent=2, default=str))
@@ -288,6 +296,11 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, sche
     for key in ("step", "layout", "scheduler", "data"):
         if key not in meta:
             raise ValueError(f"{path / TRAINER_META}: no {key!r}: not a checkpoint of this pear-mega version")
+    if optimizer is not None and meta.get("distributed_optimizer", False) != _is_distributed(optimizer):
+        saved_kind = "distributed" if meta.get("distributed_optimizer") else "non-distributed"
+        raise ValueError(f"{path}: written with the {saved_kind} optimizer; resume with "
+                         f"optim.use_distributed_optimizer={str(bool(meta.get('distributed_optimizer'))).lower()} "
+                         "(the two store the optimizer state under different keys)")
     extra = _optimizer_state(model_chunks, optimizer, loading=True)
     loaded = load_model_checkpoint(model_chunks[0], path, extra=extra)
     if optimizer is not None:
