@@ -19,7 +19,12 @@ with the reason and its time):
 6. ``megatron_tiny`` — a tiny random Llama built with megatron (local spec, world of 1: NCCL on GPU,
    gloo on CPU) against transformers' logits, then one training step with the distributed
    optimizer (finite grad norm, parameters updated).
-7. ``loss_benchmark`` — fused forward+backward against the measured device copy bandwidth (the
+7. ``te_spec`` — the same model with the Transformer Engine layer spec (GPU, TE installed; a TE
+   that does not import fails the stage with the import error).
+8. ``optimizer_offload`` — ``rollout.offload_optimizer``: megatron's ``offload_to_cpu`` /
+   ``restore_from_cpu`` between two bf16 steps frees the optimizer state's device memory and
+   leaves the updates bit-identical (GPU only).
+9. ``loss_benchmark`` — fused forward+backward against the measured device copy bandwidth (the
    HBM floor: logits read twice, gradient written once), and the eager loss, plain and
    ``torch.compile``d (GPU only).
 
@@ -46,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("environment", "kernel_compile", "kernels_vs_reference", "kernels_real_shapes", "vocab_split",
-          "megatron_tiny", "loss_benchmark")
+          "megatron_tiny", "te_spec", "optimizer_offload", "loss_benchmark")
 
 
 class Skip(Exception):
@@ -334,57 +339,141 @@ def stage_vocab_split(ctx) -> dict:
     return {"shape": f"{T}x{V} split {world} ways", "max_abs_err": worst}
 
 
-def stage_megatron_tiny(ctx) -> dict:
+def _tiny_llama(ctx):
+    """(HF dir, input ids [1, 48], transformers' fp32 logits [48, 512]) of a tiny random Llama, made once."""
+    if getattr(ctx, "tiny", None) is None:
+        import torch
+        import transformers
+
+        work = Path(tempfile.mkdtemp(prefix="tiny-llama-", dir=ctx.out))
+        config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                          tie_word_embeddings=False)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(config).float().save_pretrained(work)
+        hf = transformers.LlamaForCausalLM.from_pretrained(work, torch_dtype=torch.float32).to(ctx.device).eval()
+        ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(1)).to(ctx.device)
+        with torch.no_grad():
+            ctx.tiny = (str(work), ids, hf(ids).logits[0].float())
+    return ctx.tiny
+
+
+def _megatron(ctx, dtype, use_te: bool = False):
+    """(model, arch, forward inputs) of the tiny Llama in megatron (world of 1, set up once)."""
     import torch
-    import transformers
 
     from pear_mega.models import ModelArch, attention_inputs, build_gpt_model, load_hf_checkpoint
-    from pear_mega.optim import OptimConfig, build_optimizer, guarded_step, wrap_ddp
-    from pear_mega.parallel import ParallelConfig, destroy_parallel, init_parallel
+    from pear_mega.parallel import ParallelConfig, init_parallel
 
-    work = Path(tempfile.mkdtemp(prefix="tiny-llama-", dir=ctx.out))
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).float().save_pretrained(work)
-    hf = transformers.LlamaForCausalLM.from_pretrained(work, torch_dtype=torch.float32).to(ctx.device).eval()
-    ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(1)).to(ctx.device)
+    work, ids, _ = _tiny_llama(ctx)
+    if getattr(ctx, "parallel", None) is None:
+        ctx.parallel = init_parallel(ParallelConfig(timeout_s=300))
+    arch = ModelArch.from_hf(work)
+    model = build_gpt_model(arch, ctx.parallel, dtype=dtype, use_te=use_te)
+    load_hf_checkpoint(model, work, arch, ctx.parallel)
+    inputs = attention_inputs(torch.tensor([0, ids.shape[1]]), ids.shape[1], ctx.parallel.device, use_te=use_te)
+    return model, arch, inputs
+
+
+def _train_step(ddp, opt, ids, inputs, vocab: int) -> tuple[bool, float, float]:
+    import torch
+    from megatron.core.distributed import finalize_model_grads
+
+    from pear_mega.optim import guarded_step
+
+    position_ids, mask, packed = inputs
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    out = ddp(ids, position_ids, mask, packed_seq_params=packed)[0, :-1, :vocab].float()
+    loss = torch.nn.functional.cross_entropy(out, ids[0, 1:])
+    loss.backward()
+    finalize_model_grads([ddp])
+    applied, grad_norm = guarded_step(opt, 1.0)
+    return applied, grad_norm, float(loss)
+
+
+def _logits_diff(model, arch, inputs, ids, ref) -> float:
+    import torch
+
+    position_ids, mask, packed = inputs
+    model.eval()
     with torch.no_grad():
-        ref = hf(ids).logits[0].float()
-    pctx = init_parallel(ParallelConfig(timeout_s=300))
-    try:
-        arch = ModelArch.from_hf(str(work))
-        model = build_gpt_model(arch, pctx, dtype=torch.float32, use_te=False)
-        load_hf_checkpoint(model, str(work), arch, pctx)
-        cu = torch.tensor([0, ids.shape[1]])
-        position_ids, mask, packed = attention_inputs(cu, ids.shape[1], pctx.device, use_te=False)
-        model.eval()
-        with torch.no_grad():
-            logits = model(ids, position_ids, mask, packed_seq_params=packed)[0, :, : arch.vocab_size].float()
-        diff = float((logits - ref).abs().max())
-        if diff > 1e-3:
-            raise AssertionError(f"megatron vs transformers logits differ by {diff:.3e}")
-        ddp = wrap_ddp(model.train(), use_distributed_optimizer=True)
-        opt, _ = build_optimizer([ddp], OptimConfig(lr=1e-3, use_distributed_optimizer=True), 10, torch.float32)
-        before = [p.detach().clone() for p in ddp.parameters()]
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        out = ddp(ids, position_ids, mask, packed_seq_params=packed)[0, :-1, : arch.vocab_size].float()
-        loss = torch.nn.functional.cross_entropy(out, ids[0, 1:])
-        loss.backward()
-        from megatron.core.distributed import finalize_model_grads
+        logits = model(ids, position_ids, mask, packed_seq_params=packed)[0, :, : arch.vocab_size].float()
+    return float((logits - ref).abs().max())
 
-        finalize_model_grads([ddp])
-        applied, grad_norm = guarded_step(opt, 1.0)
-        changed = sum(int(not torch.equal(a, p.detach())) for a, p in zip(before, ddp.parameters()))
-        if not (applied and math.isfinite(grad_norm) and changed == len(before)):
-            raise AssertionError(f"distributed-optimizer step: applied={applied}, grad_norm={grad_norm}, "
-                                 f"{changed}/{len(before)} parameters changed")
-        return {"max_abs_logit_diff": diff, "backend": pctx.backend, "train_loss": float(loss),
-                "grad_norm": grad_norm, "optimizer": type(opt).__name__}
-    finally:
-        destroy_parallel()
+
+def stage_megatron_tiny(ctx) -> dict:
+    import torch
+
+    from pear_mega.optim import OptimConfig, build_optimizer, wrap_ddp
+
+    _, ids, ref = _tiny_llama(ctx)
+    model, arch, inputs = _megatron(ctx, torch.float32)
+    diff = _logits_diff(model, arch, inputs, ids, ref)
+    if diff > 1e-3:
+        raise AssertionError(f"megatron vs transformers logits differ by {diff:.3e}")
+    ddp = wrap_ddp(model.train(), use_distributed_optimizer=True)
+    opt, _ = build_optimizer([ddp], OptimConfig(lr=1e-3, use_distributed_optimizer=True), 10, torch.float32)
+    before = [p.detach().clone() for p in ddp.parameters()]
+    applied, grad_norm, loss = _train_step(ddp, opt, ids, inputs, arch.vocab_size)
+    changed = sum(int(not torch.equal(a, p.detach())) for a, p in zip(before, ddp.parameters()))
+    if not (applied and math.isfinite(grad_norm) and changed == len(before)):
+        raise AssertionError(f"distributed-optimizer step: applied={applied}, grad_norm={grad_norm}, "
+                             f"{changed}/{len(before)} parameters changed")
+    return {"max_abs_logit_diff": diff, "backend": ctx.parallel.backend, "train_loss": loss,
+            "grad_norm": grad_norm, "optimizer": type(opt).__name__}
+
+
+def stage_te_spec(ctx) -> dict:
+    if not ctx.gpu:
+        raise Skip("needs a CUDA device and Transformer Engine")
+    from pear_mega.platform import te_available, te_version
+
+    if te_version() is None:
+        raise Skip("Transformer Engine is not installed (optional: pip install 'transformer-engine[pytorch]>=2.9,<2.12')")
+    te_available()  # raises TransformerEngineError with the import error when TE is broken
+    import torch
+
+    _, ids, ref = _tiny_llama(ctx)
+    model, arch, inputs = _megatron(ctx, torch.float32, use_te=True)
+    diff = _logits_diff(model, arch, inputs, ids, ref)
+    if diff > 2e-3:
+        raise AssertionError(f"TE spec vs transformers logits differ by {diff:.3e}")
+    return {"max_abs_logit_diff": diff, "transformer_engine": te_version()}
+
+
+def stage_optimizer_offload(ctx) -> dict:
+    """rollout.offload_optimizer: bf16 model, distributed optimizer; offload_to_cpu / restore_from_cpu
+    between two steps frees the state's device memory and leaves the updates bit-identical."""
+    if not ctx.gpu:
+        raise Skip("needs a CUDA device (megatron's offload_to_cpu / restore_from_cpu move CUDA tensors)")
+    import torch
+
+    from pear_mega.optim import OptimConfig, build_optimizer, wrap_ddp
+
+    _, ids, _ = _tiny_llama(ctx)
+    runs, freed = [], 0
+    for offload in (False, True):
+        model, arch, inputs = _megatron(ctx, torch.bfloat16)
+        ddp = wrap_ddp(model.train(), use_distributed_optimizer=True)
+        opt, _ = build_optimizer([ddp], OptimConfig(lr=1e-3, use_distributed_optimizer=True), 10, torch.bfloat16)
+        _train_step(ddp, opt, ids, inputs, arch.vocab_size)
+        if offload:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            opt.offload_to_cpu()
+            freed = before - torch.cuda.memory_allocated()
+            opt.restore_from_cpu()
+        applied, grad_norm, _ = _train_step(ddp, opt, ids, inputs, arch.vocab_size)
+        if not (applied and math.isfinite(grad_norm)):
+            raise AssertionError(f"step after offload={offload}: applied={applied}, grad_norm={grad_norm}")
+        runs.append([p.detach().clone() for p in ddp.parameters()])
+    same = all(torch.equal(a, b) for a, b in zip(*runs))
+    # fp32 main params + two Adam moments of every parameter
+    expected = 12 * sum(p.numel() for p in runs[0])
+    if not same or freed < 0.9 * expected:
+        raise AssertionError(f"offload: parameters identical={same}, freed {freed} bytes of ~{expected} expected")
+    return {"freed_bytes": freed, "expected_bytes": expected, "identical_updates": same}
 
 
 def stage_loss_benchmark(ctx) -> dict:
@@ -444,6 +533,8 @@ class Context:
     def __init__(self, out: Path, gpu: bool):
         self.out, self.gpu = out, gpu
         self.device = "cuda" if gpu else "cpu"
+        self.tiny = None  # the tiny Llama (_tiny_llama)
+        self.parallel = None  # megatron's world of 1 (_megatron)
 
 
 def run(out: Path, dry_run: bool, only: list[str] | None = None) -> dict:
@@ -479,6 +570,10 @@ def run(out: Path, dry_run: bool, only: list[str] | None = None) -> dict:
         report["stages"].append(entry)
         print(f"[gpu_check] {name}: {entry['status']} ({entry['seconds']} s)"
               + (f" - {entry['reason']}" if "reason" in entry else ""), flush=True)
+    if getattr(ctx, "parallel", None) is not None:
+        from pear_mega.parallel import destroy_parallel
+
+        destroy_parallel()
     env = next((s.get("details") for s in report["stages"] if s["name"] == "environment"), None)
     report["environment"] = env
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))

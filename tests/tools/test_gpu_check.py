@@ -66,7 +66,7 @@ def test_dry_run_with_only_the_allowed_packages(tmp_path):
     status = {s["name"]: s["status"] for s in report["stages"]}
     assert status == {"environment": "passed", "kernel_compile": "skipped", "kernels_vs_reference": "passed",
                       "kernels_real_shapes": "skipped", "vocab_split": "passed", "megatron_tiny": "passed",
-                      "loss_benchmark": "skipped"}, report
+                      "te_spec": "skipped", "optimizer_offload": "skipped", "loss_benchmark": "skipped"}, report
     for s in report["stages"]:
         if s["status"] == "skipped":
             assert "CUDA" in s["reason"]
