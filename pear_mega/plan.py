@@ -234,8 +234,6 @@ def format_rl_plan(plan: dict[str, float]) -> str:
 
 def rl_layouts(cfg, world_size: int) -> tuple[Layout, RolloutLayout]:
     """The plan's layouts for an ``RLConfig`` on ``world_size`` GPUs."""
-    from pear_mega.platform import use_gpu
-
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     if world_size % (tp * pp):
         raise ValueError(f"{world_size} GPUs is not a multiple of TP x PP = {tp * pp}")
@@ -246,11 +244,10 @@ def rl_layouts(cfg, world_size: int) -> tuple[Layout, RolloutLayout]:
                  microbatches=max(1, seqs // (cfg.algorithm.minibatches * dp)), bf16=cfg.model.dtype == "bfloat16",
                  distributed_optimizer=cfg.optim.use_distributed_optimizer is not False,
                  recompute=cfg.model.recompute_activations, inplace_loss=False)
-    sparsity = cfg.logging.update_sparsity
     rollout = RolloutLayout(
         engine_tp=ro.tensor_parallel_size, gpu_memory_utilization=ro.gpu_memory_utilization,
         max_model_len=ro.max_model_len, reference=cfg.needs_reference,
-        update_sparsity=bool(sparsity) if sparsity is not None else not use_gpu(),
+        update_sparsity=bool(cfg.logging.update_sparsity),  # None = on CPU only: off on the GPU being planned
         offload_optimizer=ro.offload_optimizer, sleep_level=ro.sleep_level,
         refit_bucket_bytes=cfg.refit.bucket_mb << 20)
     return lay, rollout
