@@ -197,8 +197,6 @@ class RLTrainer:
         self.staging = self._refit_staging()
         self._offload_optimizers()  # before vLLM measures the free memory
         probes = self.rollout.on_hosts(self._start_engine)
-        if resumed_from is not None:
-            set_rng_state(resumed_rng)  # the engine's start reseeds torch: restore what the checkpoint held
         if ro.num_threads and self.rollout.hosts_engine:
             # the one place it is applied: on_hosts puts back the threads it found, after the engine's start
             torch.set_num_threads(ro.num_threads)
@@ -212,6 +210,8 @@ class RLTrainer:
             self.sync_weights()
             if cfg.refit.verify_interval:
                 self.verify_refit()
+            # the engine's start (it reseeds torch) and the refit consumed RNG: restore what the checkpoint held
+            set_rng_state(resumed_rng)
         self.metrics = MetricsWriter(self.ctx.rank, cfg.train.steps, cfg.logging.tensorboard_dir,
                                      cfg.logging.progress_bar, initial_step=self.step, desc=cfg.name)
 
