@@ -18,6 +18,7 @@ from pear_mega.data.format import (
     parse_row,
     read_rows,
     write_jsonl,
+    write_rows,
 )
 from pear_mega.data.loader import PackSource, build_packs, load_examples, load_tokenizer
 from pear_mega.data.packing import Pack, build_pack, first_fit, pack_examples
@@ -49,4 +50,5 @@ __all__ = [
     "render_conversation",
     "tokenize_conversation",
     "write_jsonl",
+    "write_rows",
 ]

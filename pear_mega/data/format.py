@@ -18,6 +18,14 @@ Files are local ``.jsonl`` / ``.json`` (one JSON object per line, or one JSON ar
 A prompt/response row is the conversation ``[system?], user: prompt, assistant: response`` whose
 assistant message carries ``response_token_ids`` / ``behavior_logprobs``.
 
+Teacher top-K (for distillation, ``tools/collect_logprobs.py --top-k K``), optional on a trained
+message: ``"topk_ids": [[int, ...], ...]`` and ``"topk_logprobs": [[float, ...], ...]`` (prompt/
+response rows: ``response_topk_ids`` / ``response_topk_logprobs``), one list per token of
+``token_ids`` holding the teacher's most likely next tokens at that position and their log-probs.
+A position may hold fewer than K entries (tokens masked by the sampling's top-p / top-k are left
+out); ids are unique within a position, log-probs finite and <= 0, and their probabilities sum to
+at most 1 + ``TOPK_MASS_TOLERANCE``.
+
 Loss spans: every assistant message carrying ``token_ids`` *and* ``logprobs`` is trained on; an
 assistant message with neither is context (e.g. a few-shot demonstration); one with only one of
 the two is an error. ``token_ids`` are the behavior model's own tokens of the assistant content —
@@ -48,6 +56,8 @@ MAX_LOGPROB = 1e-3
 # Log-probs are trained in float32 (packs store them so): a value beyond float32's range is finite
 # in Python but -inf once packed, so it is refused here, where the file and row are known.
 FLOAT32_MAX = 3.4028234663852886e38
+# Σ exp over a position's stored top-K: above 1 only by the rounding of the engine's log-softmax.
+TOPK_MASS_TOLERANCE = 1e-3
 
 
 class DataError(ValueError):
@@ -73,6 +83,11 @@ class LossSpan:
     ids_field: str
     """Field name for error messages, e.g. ``messages[3].token_ids`` or ``response_token_ids``."""
     logprobs_field: str
+    topk_ids: list[list[int]] | None = None
+    """Teacher top-K ids per token (variable length per position), or None when not stored."""
+    topk_logprobs: list[list[float]] | None = None
+    topk_ids_field: str | None = None
+    """Field name of ``topk_ids`` for error messages (``messages[3].topk_ids``, ``response_topk_ids``)."""
 
 
 @dataclass
@@ -184,6 +199,10 @@ def _parse_chat(row: dict, conv: Conversation, require_logprobs: bool) -> None:
             continue
         has_ids, has_lps = _present(m, "token_ids"), _present(m, "logprobs")
         if not (has_ids or has_lps):
+            for key in ("topk_ids", "topk_logprobs"):
+                if _present(m, key):
+                    raise conv.error(f"{name}.{key}", "only trained messages (with token_ids and logprobs) carry a "
+                                     "teacher top-K", "invalid_value")
             continue
         if role != "assistant":
             raise conv.error(f"{name}.token_ids", f"only assistant messages carry token_ids/logprobs, "
@@ -194,7 +213,8 @@ def _parse_chat(row: dict, conv: Conversation, require_logprobs: bool) -> None:
             raise conv.error(f"{name}.logprobs", "missing (the message has 'token_ids')", "missing_field")
         ids = _check_ids(m["token_ids"], conv, f"{name}.token_ids")
         lps = _check_logprobs(m["logprobs"], len(ids), conv, f"{name}.logprobs", f"{name}.token_ids")
-        conv.spans.append(LossSpan(i, ids, lps, f"{name}.token_ids", f"{name}.logprobs"))
+        conv.spans.append(LossSpan(i, ids, lps, f"{name}.token_ids", f"{name}.logprobs",
+                                   *_parse_topk(m, conv, len(ids), f"{name}.", "topk_ids", "topk_logprobs")))
 
 
 def _parse_prompt_response(row: dict, conv: Conversation, require_logprobs: bool) -> None:
@@ -212,7 +232,52 @@ def _parse_prompt_response(row: dict, conv: Conversation, require_logprobs: bool
             raise conv.error(key, "missing", "missing_field")
     ids = _check_ids(row["response_token_ids"], conv, "response_token_ids")
     lps = _check_logprobs(row["behavior_logprobs"], len(ids), conv, "behavior_logprobs", "response_token_ids")
-    conv.spans.append(LossSpan(len(conv.messages) - 1, ids, lps, "response_token_ids", "behavior_logprobs"))
+    conv.spans.append(LossSpan(len(conv.messages) - 1, ids, lps, "response_token_ids", "behavior_logprobs",
+                               *_parse_topk(row, conv, len(ids), "", "response_topk_ids", "response_topk_logprobs")))
+
+
+def _parse_topk(obj: dict, conv: Conversation, n: int, prefix: str, ids_key: str, lps_key: str) -> tuple:
+    """``(topk_ids, topk_logprobs, ids field name)`` of a trained span, all None when not stored."""
+    ids_name, lps_name = prefix + ids_key, prefix + lps_key
+    has_ids, has_lps = _present(obj, ids_key), _present(obj, lps_key)
+    if not (has_ids or has_lps):
+        return None, None, None
+    if not has_ids:
+        raise conv.error(ids_name, f"missing (the span has '{lps_name}')", "missing_field")
+    if not has_lps:
+        raise conv.error(lps_name, f"missing (the span has '{ids_name}')", "missing_field")
+    all_ids, all_lps = obj[ids_key], obj[lps_key]
+    for name, value in ((ids_name, all_ids), (lps_name, all_lps)):
+        if not isinstance(value, (list, tuple)):
+            raise conv.error(name, f"must be a list with one list per token, got {type(value).__name__}",
+                             "invalid_value")
+        if len(value) != n:
+            raise conv.error(name, f"has {len(value)} positions but the span has {n} tokens", "length_mismatch")
+    out_ids, out_lps = [], []
+    for k, (ids, lps) in enumerate(zip(all_ids, all_lps)):
+        where_ids, where_lps = f"{ids_name}[{k}]", f"{lps_name}[{k}]"
+        if not isinstance(ids, (list, tuple)) or not isinstance(lps, (list, tuple)):
+            bad = where_ids if not isinstance(ids, (list, tuple)) else where_lps
+            raise conv.error(bad, "must be a list (the top-K of one position)", "invalid_value")
+        if len(ids) != len(lps):
+            raise conv.error(where_lps, f"has {len(lps)} values but '{where_ids}' has {len(ids)} ids",
+                             "length_mismatch")
+        for j, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise conv.error(where_ids, f"element {j} is {t!r}, not a non-negative integer token id",
+                                 "invalid_value")
+        if len(set(ids)) != len(ids):
+            dup = next(t for t in ids if ids.count(t) > 1)
+            raise conv.error(where_ids, f"holds token id {dup} twice: the top-K ids of a position are unique",
+                             "invalid_value")
+        values = _check_logprobs(lps, len(ids), conv, where_lps, where_ids)
+        mass = math.fsum(math.exp(v) for v in values)
+        if mass > 1.0 + TOPK_MASS_TOLERANCE:
+            raise conv.error(where_lps, f"the probabilities sum to {mass:.6g} > 1 (+{TOPK_MASS_TOLERANCE:g}): not "
+                             "the top-K of one distribution", "invalid_value")
+        out_ids.append([int(t) for t in ids])
+        out_lps.append(values)
+    return out_ids, out_lps, ids_name
 
 
 def file_format(path: str) -> str:
@@ -292,6 +357,21 @@ class _BadLine:
 
     def __init__(self, error: DataError):
         self.error = error
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    """Write rows as jsonl, or as parquet (nested lists as Arrow list columns: the format for large
+    collections, e.g. with a teacher top-K per token) when ``path`` ends in ``.parquet``."""
+    if file_format(path) == "json":
+        write_jsonl(path, rows)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:

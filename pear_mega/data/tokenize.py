@@ -249,6 +249,11 @@ def tokenize_conversation(tokenizer, conv: Conversation, *, max_length: int | No
         if bad:
             raise conv.error(span.ids_field, f"token id {bad[0]} is outside the tokenizer's vocabulary of {vocab}",
                              "invalid_value")
+        for k, ids in enumerate(span.topk_ids or ()):  # the teacher's top-K ids, where stored
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise conv.error(f"{span.topk_ids_field}[{k}]", f"token id {bad[0]} is outside the tokenizer's "
+                                 f"vocabulary of {vocab}", "invalid_value")
         ends_turn = span.token_ids[-1] in specials
         content_ids = span.token_ids[:-1] if ends_turn else span.token_ids
         content = conv.messages[rspan.message_index]["content"]
