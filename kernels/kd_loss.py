@@ -68,9 +68,9 @@ def _merge_stats(local: Tensor, tp_group) -> tuple[Tensor, ...]:
     return m, (scale * r_r).sum(0), (scale * sk_r).sum(0), t_r.sum(0), shift.sum(0)
 
 
-def _mode_terms(mode, p, a, valid, owned, xk, q_k, m, r, s_k, U) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token KL ``[T]``, the dense gradient factor a_t ``[T]`` and the top-K gradient values
-    h ``[T, K]`` of one mode (module doc), in fp64. p, a: teacher probabilities / log-probs (0 on empty
+def _mode_terms(mode, p, a, valid, owned, xk, q_k, m, r, s_k, U) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token KL ``[T]``, the dense gradient factor a_t ``[T]``, the top-K gradient values
+    h ``[T, K]`` and the KL's tail term ``[T]`` (0 but for topk_tail) of one mode (module doc), in fp64. p, a: teacher probabilities / log-probs (0 on empty
     slots); xk, q_k: this shard's logits / student probabilities at its top-K ids; m, r, s_k, U: the
     merged statistics."""
     P, pa = p.sum(1), (p * a).sum(1)
@@ -83,19 +83,20 @@ def _mode_terms(mode, p, a, valid, owned, xk, q_k, m, r, s_k, U) -> tuple[Tensor
         kl = torch.where(has, (pa - U) / p_safe - log_p_sum + log_sk, 0.0)
         p_hat = torch.where(valid & has[:, None], torch.exp(a - log_p_sum[:, None]), 0.0)
         q_hat = torch.where(owned & has[:, None], torch.exp(xk - (m + log_sk)[:, None]), 0.0)
-        return kl, torch.zeros_like(P), q_hat - p_hat
+        return kl, torch.zeros_like(P), q_hat - p_hat, torch.zeros_like(P)
     head = pa - U + P * log_s  # Σ p (a − log q), log q = x − m − log s
     if mode == "topk":
-        return head, P, P[:, None] * q_k - p
+        return head, P, P[:, None] * q_k - p, torch.zeros_like(P)
     log_tail = torch.clamp_min(torch.log(r) - log_s, _LOG_FLOOR)  # log(1 − Q) = log(r / s), floored
     one_m_p = (1.0 - P).clamp(0.0, 1.0)
     safe = torch.where(one_m_p > 0, one_m_p, 1.0)
-    kl = head + torch.where(one_m_p > 0, one_m_p * (torch.log(safe) - log_tail), 0.0)
+    tail = torch.where(one_m_p > 0, one_m_p * (torch.log(safe) - log_tail), 0.0)
+    kl = head + tail
     # −(1 − P)·∂(1 − Q)/∂x_j / max(1 − Q, floor), ρ = (1 − Q)/max(1 − Q, floor) (1 unless floored):
     # off the top-K q_j (P − (1 − P) Q / max(1 − Q, floor)), on it q_j − p_j − (1 − P)(1 − ρ) q_j
     rho = torch.exp(torch.log(r) - log_s - log_tail)
     dense = P - one_m_p * (s_k / (r + s_k)) * torch.exp(-log_tail)
-    return kl, dense, q_k - p - (one_m_p * (1.0 - rho))[:, None] * q_k
+    return kl, dense, q_k - p - (one_m_p * (1.0 - rho))[:, None] * q_k, tail
 
 
 class _FusedPearKDLoss(torch.autograd.Function):
@@ -130,7 +131,7 @@ class _FusedPearKDLoss(torch.autograd.Function):
         q_mass = s_k / s
         kl_w, nll_w = kd_config.kl_weight, kd_config.nll_weight
         q_k = torch.where(owned, torch.exp(xk.double() - log_z[:, None]), 0.0)  # this shard's q at top-K
-        kl, dense, h = _mode_terms(kd_config.mode, p, a, valid, owned, xk.double(), q_k, m, r, s_k, U)
+        kl, dense, h, tail = _mode_terms(kd_config.mode, p, a, valid, owned, xk.double(), q_k, m, r, s_k, U)
         per_token = torch.where(mask, kl_w * kl - nll_w * logp, 0.0)
 
         log_w, inv_count, nonempty = pear_log_weights(logp.float(), behavior_logprobs, labels, cu_seqlens,
@@ -154,8 +155,8 @@ class _FusedPearKDLoss(torch.autograd.Function):
         ctx.no_labels = torch.full_like(labels, IGNORE_INDEX)
         ctx.fns, ctx.vocab_start, ctx.n_valid = (grad_fn, scatter_fn), vocab_start, n_valid
         ctx.inplace = inplace_backward
-        logp, kl, P, q_mass = (torch.where(mask, v, 0.0).float() for v in (logp, kl, P, q_mass))
-        outs = (logp, log_w, kl, P, q_mass)
+        logp, kl, P, q_mass, tail = (torch.where(mask, v, 0.0).float() for v in (logp, kl, P, q_mass, tail))
+        outs = (logp, log_w, kl, P, q_mass, tail)
         ctx.mark_non_differentiable(*outs)
         return (loss, *outs)
 
@@ -204,7 +205,7 @@ def fused_pear_kd_loss(
 
     Returns:
         KDLossOutput(loss 0-dim fp32; per-token [T] fp32, detached, 0 off the loss mask: logprobs,
-        log_weights, kd = KL_t, teacher_mass P, student_mass Q).
+        log_weights, kd = KL_t, teacher_mass P, student_mass Q, kd_tail: KL_t's tail term).
     """
     name = "fused_pear_kd_loss"
     if not isinstance(pear_config, PearConfig):
@@ -233,12 +234,13 @@ def fused_pear_kd_loss(
     n_valid = max(0, min(logits.shape[1], v_global - vocab_start))
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    loss, logp, log_w, kd, p_mass, q_mass = _FusedPearKDLoss.apply(
+    loss, logp, log_w, kd, p_mass, q_mass, tail = _FusedPearKDLoss.apply(
         logits, labels.contiguous(), behavior_logprobs.float().contiguous(), topk_ids.long().contiguous(),
         topk_logprobs.contiguous(), cu_seqlens.contiguous(), pear_config, kd_config, tp_group, vocab_start,
         n_valid, denom, inplace_backward, backend,
     )  # fmt: skip
-    return KDLossOutput(loss=loss, logprobs=logp, log_weights=log_w, kd=kd, teacher_mass=p_mass, student_mass=q_mass)
+    return KDLossOutput(loss=loss, logprobs=logp, log_weights=log_w, kd=kd, teacher_mass=p_mass, student_mass=q_mass,
+                        kd_tail=tail)
 
 
 def _check_topk_shapes(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> None:

@@ -77,7 +77,9 @@ class KDLossOutput:
 
     ``loss`` is 0-dim and differentiable wrt the logits; the per-token ``[T]`` fp32 tensors are
     detached and 0 off the loss mask: ``kd`` = KL_t of ``KDConfig.mode``, ``logprobs`` = log q(y_t),
-    ``log_weights`` = log G_t, ``teacher_mass`` = P, ``student_mass`` = Q.
+    ``log_weights`` = log G_t, ``teacher_mass`` = P, ``student_mass`` = Q, ``kd_tail`` = the tail
+    term (1 − P)(log(1 − P) − log(1 − Q)) of ``topk_tail`` (0 in the other modes; the head term is
+    ``kd − kd_tail``).
     """
 
     loss: Tensor
@@ -86,13 +88,14 @@ class KDLossOutput:
     kd: Tensor
     teacher_mass: Tensor
     student_mass: Tensor
+    kd_tail: Tensor
 
 
-def topk_kl(logsm: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+def topk_kl(logsm: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mode: str) -> tuple[Tensor, ...]:
     """Per-token KL of ``mode`` from the student's full log-softmax, differentiable wrt ``logsm``.
 
     logsm: ``[T, V]`` log q (its dtype is the compute dtype); topk_ids: ``[T, K]`` int (-1 = empty);
-    topk_logprobs: ``[T, K]`` teacher log-probs a. Returns ``(KL [T], P [T], Q [T])``.
+    topk_logprobs: ``[T, K]`` teacher log-probs a. Returns ``(KL [T], P [T], Q [T], tail term [T])``.
     """
     valid = topk_ids >= 0
     logq = logsm.gather(1, torch.where(valid, topk_ids, 0).long())  # [T, K]
@@ -108,10 +111,10 @@ def topk_kl(logsm: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mode: str) -
         log_p_hat = a - log_p_sum[:, None]
         log_q_hat = logq - log_q_sum[:, None]
         kl = torch.where(valid, log_p_hat.exp() * (log_p_hat - log_q_hat), 0.0).sum(1)
-        return kl, P, Q
+        return kl, P, Q, torch.zeros_like(kl)
     head = torch.where(valid, p * (a - logq), 0.0).sum(1)
     if mode == "topk":
-        return head, P, Q
+        return head, P, Q, torch.zeros_like(head)
     # log(1 − Q) as the log-sum-exp of log q over the columns outside the top-K: no cancellation.
     outside = torch.ones_like(logsm, dtype=torch.bool)
     outside[valid.nonzero(as_tuple=True)[0], topk_ids[valid].long()] = False
@@ -123,7 +126,7 @@ def topk_kl(logsm: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mode: str) -
     one_minus_p = (1.0 - P).clamp(0.0, 1.0)
     safe = torch.where(one_minus_p > 0, one_minus_p, 1.0)
     tail_term = torch.where(one_minus_p > 0, one_minus_p * (safe.log() - log_tail_used), 0.0)
-    return head + tail_term, P, Q
+    return head + tail_term, P, Q, tail_term
 
 
 def _check_temperature(pear_config: PearConfig, where: str) -> None:
@@ -157,7 +160,7 @@ def reference_pear_kd_loss(
     logsm = torch.log_softmax(logits[:, :V].double(), dim=-1)
     mask = labels != IGNORE_INDEX
     logp = torch.where(mask, logsm.gather(1, torch.where(mask, labels, 0)[:, None]).squeeze(1), 0.0)
-    kl, P, Q = topk_kl(logsm, topk_ids, topk_logprobs.double(), kd_config.mode)
+    kl, P, Q, tail = topk_kl(logsm, topk_ids, topk_logprobs.double(), kd_config.mode)
     per_token = kd_config.kl_weight * kl + kd_config.nll_weight * -logp
     log_w = reference_log_weights(logp, behavior_logprobs.float(), mask, cu_seqlens, pear_config)
     coef, denom = reference_loss_coefficients(log_w, mask, cu_seqlens, pear_config, normalizer)
@@ -168,7 +171,8 @@ def reference_pear_kd_loss(
         return torch.where(mask, v.detach().float(), zero)
 
     return KDLossOutput(loss=loss.float(), logprobs=per_tok(logp), log_weights=log_w.to(logits.device),
-                        kd=per_tok(kl), teacher_mass=per_tok(P), student_mass=per_tok(Q))  # fmt: skip
+                        kd=per_tok(kl), teacher_mass=per_tok(P), student_mass=per_tok(Q),
+                        kd_tail=per_tok(tail))  # fmt: skip
 
 
 def pear_kd_loss_eager(
@@ -192,7 +196,7 @@ def pear_kd_loss_eager(
     logsm = torch.log_softmax(logits[:, :V].float(), dim=-1)
     mask = labels != IGNORE_INDEX
     logp = torch.where(mask, logsm.gather(1, torch.where(mask, labels, 0)[:, None]).squeeze(1), 0.0)
-    kl, _, _ = topk_kl(logsm, topk_ids, topk_logprobs, kd_config.mode)
+    kl = topk_kl(logsm, topk_ids, topk_logprobs, kd_config.mode)[0]
     per_token = kd_config.kl_weight * kl + kd_config.nll_weight * -logp
     log_w, inv_count, nonempty = pear_log_weights(logp.detach(), behavior_logprobs.float(), labels, cu_seqlens,
                                                   pear_config, backend="torch")  # fmt: skip

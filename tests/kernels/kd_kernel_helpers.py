@@ -56,7 +56,7 @@ def make_topk(
 
 def compare_kd(out, ref, grad, ref_grad, dtype, prefix: str = "") -> None:
     tol = KD_TOLERANCES[dtype]
-    for name in ("loss", "logprobs", "log_weights", "kd", "teacher_mass", "student_mass"):
+    for name in ("loss", "logprobs", "log_weights", "kd", "teacher_mass", "student_mass", "kd_tail"):
         assert_close(prefix + name, getattr(out, name), getattr(ref, name), *tol["fwd"])
     assert grad.dtype == ref_grad.dtype, f"{prefix}grad dtype {grad.dtype} != {ref_grad.dtype}"
     assert_close(prefix + "grad", grad, ref_grad, *tol["grad"])
@@ -91,7 +91,8 @@ def kd_tp_worker(rank: int, world: int, init_file: str, case_file: str, out_dir:
                 out.loss.backward()
                 results[(name, backend)] = dict(
                     loss=out.loss.detach(), logprobs=out.logprobs, log_weights=out.log_weights, kd=out.kd,
-                    teacher_mass=out.teacher_mass, student_mass=out.student_mass, grad=x.grad.clone(),
+                    teacher_mass=out.teacher_mass, student_mass=out.student_mass, kd_tail=out.kd_tail,
+                    grad=x.grad.clone(),
                 )  # fmt: skip
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

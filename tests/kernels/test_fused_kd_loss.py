@@ -56,7 +56,7 @@ def test_every_mode_and_level(mode, level, backend):
     compare_kd(out, ref, grad, ref_grad, torch.float32, prefix=f"{mode}/{level}/{backend}/")
     masked = pack.labels == -100
     assert torch.all(grad[masked] == 0), "rows without loss must get exactly zero gradient"
-    for name in ("kd", "logprobs", "log_weights", "teacher_mass", "student_mass"):
+    for name in ("kd", "logprobs", "log_weights", "teacher_mass", "student_mass", "kd_tail"):
         assert torch.all(getattr(out, name)[masked] == 0), f"{name} must be 0 off the loss mask"
     if level in ("token", "block"):  # the lower clip is active: a missing PEAR weight would fail
         assert (out.log_weights[~masked] == -0.25).any()
@@ -156,6 +156,7 @@ def test_topk_tail_is_the_coarse_grained_kl_and_never_negative(backend):
     assert_close("kernel vs exact coarse KL", out.kd, exact, 2e-5, 1e-5)
     assert torch.all(ref.kd >= 0) and torch.all(out.kd >= -1e-6)
     assert (truncated.kd < -1e-3).any(), "the test data must make the truncated sum negative somewhere"
+    assert_close("head = kd − kd_tail = the truncated sum", out.kd - out.kd_tail, truncated.kd, 2e-5, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

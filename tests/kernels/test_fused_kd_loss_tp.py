@@ -17,7 +17,7 @@ from kd_kernel_helpers import KD_TOLERANCES, kd_tp_worker, make_topk  # isort: s
 from pear_kernel_helpers import DEVICE, assert_close, make_pack  # isort: skip
 
 WORLD = 2
-OUTPUTS = ("loss", "logprobs", "log_weights", "kd", "teacher_mass", "student_mass")
+OUTPUTS = ("loss", "logprobs", "log_weights", "kd", "teacher_mass", "student_mass", "kd_tail")
 CASES = {
     "tail_block": dict(pack=dict(seqlens=[9, 1, 13], vocab=2000, masked_seqs=(1,)), K=5,
                        pear=dict(level="block", block_size=3, gamma=0.97, delta_clip=(-0.3, 0.3)),
