@@ -180,6 +180,34 @@ def _is_distributed(optimizer) -> bool:
                                          for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, working around megatron 0.16.1's distributed optimizer
+    on the torch-AdamW path (no TE/apex).
+
+    There torch's Adam keeps a per-parameter ``step`` tensor, which ``DistributedOptimizer.load_state_dict``
+    puts back from the param groups, and then ``load_parameter_state_from_fully_reshardable`` copies
+    every per-parameter state key from the checkpoint, which has no ``step`` (megatron stores it in
+    the param groups): ``KeyError: 'step'``. So the parameter state is loaded with ``step`` set
+    aside: param groups first (which set ``step``), then the per-parameter tensors.
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    fixable = (not HAVE_APEX_OR_TE and len(chained) == 1 and isinstance(chained[0], DistributedOptimizer)
+               and state.get("param_state_sharding_type") == "fully_reshardable")
+    if not fixable:
+        optimizer.load_state_dict(state)
+        return
+    opt = chained[0]
+    opt.load_state_dict({k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")})
+    steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(state["param_state"])
+    finally:
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step
+
+
 def _init_empty_optimizer_state(optimizer) -> None:
     """Give a distributed optimizer that has not stepped yet its (dummy) Adam state.
 
@@ -289,7 +317,7 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, sche
     from safetensors.torch import load_file
 
     from pear_mega.models import load_checkpoint as load_model_checkpoint
-    from pear_mega.optim import restore_schedule
+    from pear_mega.optim import restore_schedule, schedule_group_settings
 
     path = Path(path)
     meta = read_trainer_state(path)
@@ -303,11 +331,12 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list, optimizer, sche
                          "(the two store the optimizer state under different keys)")
     extra = _optimizer_state(model_chunks, optimizer, loading=True)
     loaded = load_model_checkpoint(model_chunks[0], path, extra=extra)
+    groups = schedule_group_settings(optimizer) if optimizer is not None else None
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     step = int(meta["step"])
     if scheduler is not None:
-        changes = restore_schedule(scheduler, meta["scheduler"], keep_schedule)
+        changes = restore_schedule(scheduler, meta["scheduler"], keep_schedule, groups)
         if changes and ctx.rank == 0:
             verb = "kept from the checkpoint (checkpoint.keep_schedule=true)" if keep_schedule else "from this config"
             print(f"resume: schedule settings that differ from the checkpoint's, {verb}:\n  "

@@ -244,16 +244,33 @@ _SCHEDULE_SETTINGS = {
 }
 
 
-def restore_schedule(scheduler, state: dict, keep_schedule: bool) -> list[str]:
+_GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+def schedule_group_settings(optimizer) -> list[dict]:
+    """The per-param-group schedule settings megatron puts in the optimizer's param groups (the
+    scheduler reads ``max_lr`` / ``min_lr`` from each group before its own): take them before an
+    optimizer load, which replaces them with the checkpoint's, and give them to ``restore_schedule``."""
+    return [{k: g[k] for k in _GROUP_SCHEDULE_KEYS if k in g} for g in optimizer.param_groups]
+
+
+def restore_schedule(scheduler, state: dict, keep_schedule: bool, config_groups: list[dict] | None = None
+                     ) -> list[str]:
     """Load a checkpoint's ``OptimizerParamScheduler`` state: its step count always, its settings
     only with ``keep_schedule`` (else this run's config wins). Sets the optimizer's lr / weight
     decay for the resumed step.
 
     megatron's scheduler defaults to ``use_checkpoint_opt_param_scheduler=True``, under which the
     checkpoint's lr, warmup, decay style and length silently beat the config ("lower the LR and
-    resume" would do nothing). Returns one ``"setting: old -> new"`` line per difference (old:
-    the checkpoint's; new: what the run uses).
+    resume" would do nothing); the optimizer's own state dict also brings back the checkpoint's
+    per-group ``max_lr`` / ``min_lr``, which the scheduler prefers: unless ``keep_schedule``, the
+    ``config_groups`` taken before the optimizer load (``schedule_group_settings``) are put back.
+    Returns one ``"setting: old -> new"`` line per difference (old: the checkpoint's; new: what
+    the run uses).
     """
+    if not keep_schedule and config_groups is not None:
+        for group, settings in zip(scheduler.optimizer.param_groups, config_groups):
+            group.update(settings)
     mine = scheduler.state_dict()
     changes = []
     for key, setting in _SCHEDULE_SETTINGS.items():

@@ -108,7 +108,9 @@ def test_metrics_are_written_as_the_run_goes_and_a_stopped_run_exits_1(tmp_path,
 def _scheduler(cfg: OptimConfig, steps: int):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.lr)
+    # megatron's param groups carry max_lr / min_lr, which the scheduler prefers to its own
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))], "max_lr": cfg.lr,
+                              "min_lr": cfg.min_lr}], lr=cfg.lr)
     decay = max(steps, cfg.warmup_steps + 1)
     return OptimizerParamScheduler(opt, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr,
                                    min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=decay,
@@ -117,21 +119,27 @@ def _scheduler(cfg: OptimConfig, steps: int):
 
 
 def test_resume_uses_the_configs_schedule_unless_told_to_keep_the_checkpoints():
-    from pear_mega.optim import restore_schedule
+    from pear_mega.optim import restore_schedule, schedule_group_settings
 
     old, _ = _scheduler(OptimConfig(lr=10.0, min_lr=0.0, warmup_steps=2), steps=8)
     old.step(increment=4)
     saved = json.loads(json.dumps(old.state_dict()))  # as stored in trainer_state.json
 
+    saved_groups = [{"max_lr": 10.0, "min_lr": 0.0}]  # what the optimizer's own load brings back
+
     new, opt = _scheduler(OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2), steps=20)
-    changes = restore_schedule(new, saved, keep_schedule=False)
+    config_groups = schedule_group_settings(opt)
+    opt.param_groups[0].update(saved_groups[0])
+    changes = restore_schedule(new, saved, keep_schedule=False, config_groups=config_groups)
     assert "optim.lr: 10.0 -> 0.001" in changes and "decay length (train.steps): 8 -> 20" in changes
     # step 4 of a 20-step cosine after 2 warmup steps: 2 of 18 decay steps done
     expected = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 2 / 18))
     assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12) and new.num_steps == 4
 
     kept, opt = _scheduler(OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2), steps=20)
-    changes = restore_schedule(kept, saved, keep_schedule=True)
+    config_groups = schedule_group_settings(opt)
+    opt.param_groups[0].update(saved_groups[0])
+    changes = restore_schedule(kept, saved, keep_schedule=True, config_groups=config_groups)
     assert "optim.lr: 10.0 -> 10.0 (config: 0.001)" in changes
     expected = 0.5 * 10.0 * (1 + math.cos(math.pi * 2 / 6))
     assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
