@@ -102,6 +102,8 @@ def fingerprint(packs: list[Pack]) -> str:
     for p in packs:
         for t in (p.tokens, p.labels, p.behavior_logprobs, p.cu_seqlens):
             h.update(t.numpy().tobytes())
+        for t in (p.topk_ids, p.topk_logprobs) if p.topk_ids is not None else ():  # distillation data
+            h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
 
 

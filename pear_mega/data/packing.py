@@ -7,6 +7,11 @@ A pack holds whole examples back to back, in the packed-shifted layout of
     labels            [S]    int64    -100 off loss tokens and at every sequence's last position
     behavior_logprobs [S]    float32  log πβ(labels[t] | tokens[..t]), 0 where labels == -100
     cu_seqlens        [B+1]  int32    sequence boundaries, cu_seqlens[0] = 0, cu_seqlens[-1] = S
+    topk_ids          [S, K] int64    teacher top-K of each label, -1 = empty slot   (distillation
+    topk_logprobs     [S, K] float32  their log-probs, 0 in empty slots              data only)
+
+K is the most teacher entries at any position of the pack's examples; examples without a stored
+top-K (and the pad tail) hold only empty slots.
 
 Because every example is already shifted within itself (its last label is -100), concatenation
 never creates a label that crosses from one sequence into the next. If the examples leave room,
@@ -39,6 +44,9 @@ class Pack:
     """Tokens of real examples (S minus the pad tail)."""
     sources: tuple[str, ...] = ()
     """``file:row`` of each real sequence, in order."""
+    topk_ids: torch.Tensor | None = None
+    """``[S, K]`` teacher top-K (module docstring); None when no example stores one."""
+    topk_logprobs: torch.Tensor | None = None
 
     @property
     def num_loss_tokens(self) -> int:
@@ -53,6 +61,7 @@ class Pack:
             "cu_seqlens": self.cu_seqlens,
             "num_real_tokens": self.num_real_tokens,
             "num_loss_tokens": self.num_loss_tokens,
+            **({"topk_ids": self.topk_ids, "topk_logprobs": self.topk_logprobs} if self.topk_ids is not None else {}),
         }
 
 
@@ -103,8 +112,18 @@ def build_pack(examples: list[TokenizedExample], seq_length: int, pad_id: int) -
         lengths.append(pad)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-    return Pack(torch.cat(tokens), torch.cat(labels), torch.cat(blp), cu, used,
-                tuple(e.source for e in examples))
+    pack = Pack(torch.cat(tokens), torch.cat(labels), torch.cat(blp), cu, used, tuple(e.source for e in examples))
+    if any(e.topk_ids is not None for e in examples):
+        k = max(e.topk_ids.shape[1] for e in examples if e.topk_ids is not None)
+        pack.topk_ids = torch.full((seq_length, k), -1, dtype=torch.long)
+        pack.topk_logprobs = torch.zeros((seq_length, k), dtype=torch.float32)
+        start = 0
+        for e in examples:
+            if e.topk_ids is not None:
+                pack.topk_ids[start:start + len(e), : e.topk_ids.shape[1]] = e.topk_ids
+                pack.topk_logprobs[start:start + len(e), : e.topk_ids.shape[1]] = e.topk_logprobs
+            start += len(e)
+    return pack
 
 
 def pack_examples(examples: list[TokenizedExample], seq_length: int, pad_id: int) -> list[Pack]:

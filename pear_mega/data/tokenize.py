@@ -62,6 +62,11 @@ class TokenizedExample:
     source: str
     """``file:row`` of the row this came from."""
     truncated: bool = False
+    topk_ids: torch.Tensor | None = None
+    """``[n, K]`` int64 teacher top-K of each label (shifted like ``behavior_logprobs``), -1 = empty
+    slot; None when the row stores no top-K."""
+    topk_logprobs: torch.Tensor | None = None
+    """``[n, K]`` float32 log-probs of ``topk_ids`` (0 in empty slots)."""
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
@@ -238,6 +243,7 @@ def tokenize_conversation(tokenizer, conv: Conversation, *, max_length: int | No
 
     tokens: list[int] = []
     loss_logprobs: dict[int, float] = {}  # token position -> log πβ of that token
+    loss_topk: dict[int, tuple[list[int], list[float]]] = {}  # token position -> teacher top-K before it
     cursor, drop_first = 0, None
     for rspan in rspans:
         span = by_index[rspan.message_index]
@@ -263,6 +269,8 @@ def tokenize_conversation(tokenizer, conv: Conversation, *, max_length: int | No
                              "its first token would have no context to be predicted from", "alignment")
         for pos_offset, lp in enumerate(span.logprobs):
             loss_logprobs[len(tokens) + pos_offset] = lp
+        for pos_offset, top in enumerate(zip(span.topk_ids or (), span.topk_logprobs or ())):
+            loss_topk[len(tokens) + pos_offset] = top
         tokens += span.token_ids
         cursor = rspan.end
         drop_first = (span, span.token_ids[-1]) if ends_turn else None
@@ -270,7 +278,24 @@ def tokenize_conversation(tokenizer, conv: Conversation, *, max_length: int | No
     if drop_first is not None:
         tail = _consume_end_of_turn(tokenizer, conv, tail, drop_first)
     tokens += tail
-    return _shifted_example(conv, tokens, loss_logprobs, max_length, truncate)
+    example = _shifted_example(conv, tokens, loss_logprobs, max_length, truncate)
+    if loss_topk:
+        example.topk_ids, example.topk_logprobs = _shifted_topk(loss_topk, len(example))
+    return example
+
+
+def _shifted_topk(loss_topk: dict[int, tuple[list[int], list[float]]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, K]`` teacher top-K tensors: the top-K stored with token p goes to position p-1 (whose
+    label is token p), like its log πβ; K = the most entries at any position (at least 1), fewer are
+    padded with id -1. Log-probs the format allows a hair above 0 (fp rounding) are clamped to 0."""
+    k = max([1] + [len(ids) for ids, _ in loss_topk.values()])
+    ids_out = torch.full((n, k), -1, dtype=torch.long)
+    lps_out = torch.zeros((n, k), dtype=torch.float32)
+    for p, (ids, lps) in loss_topk.items():
+        if 0 < p < n and ids:  # p < n: as for the labels of a truncated example
+            ids_out[p - 1, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            lps_out[p - 1, : len(lps)] = torch.tensor(lps, dtype=torch.float32).clamp_max(0.0)
+    return ids_out, lps_out
 
 
 def _consume_end_of_turn(tokenizer, conv: Conversation, context: list[int], produced: tuple) -> list[int]:

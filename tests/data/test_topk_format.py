@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from pear_mega.data import DataConfig, DataError, load_examples, parse_row, read_rows, write_rows
 from pear_mega.data.format import TOPK_MASS_TOLERANCE
@@ -121,3 +122,52 @@ def test_parquet_list_columns_round_trip(chat_row, tmp_path):
         assert g.topk_ids == w.topk_ids and g.topk_logprobs == w.topk_logprobs  # exact floats
     write_rows(str(tmp_path / "kd.jsonl"), rows)
     assert list(read_rows(str(tmp_path / "kd.jsonl"))) == rows
+
+
+def test_packs_carry_the_top_k_shifted_with_the_labels(tokenizer, chat_row, write_jsonl):
+    from pear_mega.data import build_packs
+    from pear_mega.data.loader import fingerprint
+
+    with_topk = _row(chat_row)
+    with_topk["messages"][1]["topk_ids"][1] = [9]  # a short position
+    with_topk["messages"][1]["topk_logprobs"][1] = [0.0005]  # a hair above 0: clamped to 0
+    plain = chat_row("q2", "Answer: 7")
+    path = write_jsonl([with_topk, plain])
+    cfg = DataConfig(files=[path], tokenizer_path="unused", seq_length=256, shuffle=False)
+    packs, _ = build_packs(cfg, tokenizer)
+    assert len(packs) == 1
+    pack = packs[0].as_dict()
+    ids, lps, labels = pack["topk_ids"], pack["topk_logprobs"], pack["labels"]
+    assert ids.shape == lps.shape == (256, 3)
+    first = int(packs[0].cu_seqlens[1])
+    rows = (labels[:first] != -100).nonzero().flatten()
+    stored = with_topk["messages"][1]
+    assert labels[rows].tolist() == stored["token_ids"]
+    for k, t in enumerate(rows.tolist()):
+        n = len(stored["topk_ids"][k])
+        assert ids[t, :n].tolist() == stored["topk_ids"][k] and (ids[t, n:] == -1).all()
+        assert lps[t, :n].tolist() == pytest.approx([min(v, 0.0) for v in stored["topk_logprobs"][k]], abs=1e-7)
+    off = torch.ones(256, dtype=torch.bool)
+    off[rows] = False
+    assert (ids[off] == -1).all() and (lps[off] == 0).all()  # context, the plain row and the pad tail
+    changed = json.loads(json.dumps(with_topk))
+    changed["messages"][1]["topk_logprobs"][0][0] -= 0.5
+    other, _ = build_packs(DataConfig(files=[write_jsonl([changed, plain], "b.jsonl")], tokenizer_path="unused",
+                                      seq_length=256, shuffle=False), tokenizer)  # fmt: skip
+    assert fingerprint(other) != fingerprint(packs)
+    assert "topk_ids" not in build_packs(DataConfig(files=[write_jsonl([plain], "c.jsonl")], tokenizer_path="unused",
+                                                    seq_length=256), tokenizer)[0][0].as_dict()  # fmt: skip
+
+
+def test_cli_top_k_and_output_type_fail_before_an_engine_starts(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "collect_logprobs.py"
+    spec = importlib.util.spec_from_file_location("collect_logprobs_topk", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit, match="score: --top-k must be >= 0, got -1"):
+        cli.main(["score", "--model", "m", "--out", str(tmp_path / "o.jsonl"), "--data", "d.jsonl", "--top-k", "-1"])
+    with pytest.raises(SystemExit, match=r"--out: .*o\.csv: unknown file type"):
+        cli.main(["score", "--model", "m", "--out", str(tmp_path / "o.csv"), "--data", "d.jsonl", "--top-k", "4"])
