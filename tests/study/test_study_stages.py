@@ -243,3 +243,27 @@ def test_behavior_rows_get_the_students_prompt():
     rows[1]["meta"] = {**rows[1]["meta"], "question": "something else"}
     with pytest.raises(StudyError, match="behavior row 1"):
         restrict_to_student_prompt(rows, student_shots=0)
+
+
+@pytest.mark.slow
+def test_one_engine_evaluates_each_model_as_a_fresh_engine_would(tmp_path):
+    """The evaluations of a seed share one vLLM engine, reloaded per model and reseeded: the same
+    model evaluated second draws exactly what it draws first, and another seed draws otherwise."""
+    from pear_mega.pretrained import tiny_model
+    from pear_mega.study.stages import main as worker
+
+    model = tiny_model(tmp_path / "tiny")
+    other = tiny_model(tmp_path / "tiny-other", seed=1)
+    suites = {"basic_arithmetic": ["basic_arithmetic", {"max_digits": 1}]}
+    common = {"suites": suites, "size": 3, "seed": 11, "num_shots": 0, "n": 2, "ks": [1, 2], "temperature": 1.0,
+              "max_tokens": 6, "max_model_len": 256}
+    runs = [{**common, "model": str(m), "out": str(tmp_path / name), "engine_seed": s}
+            for m, name, s in [(model, "a", 0), (other, "b", 0), (model, "c", 0), (model, "d", 1)]]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"runs": runs}))
+    worker(["eval", str(spec)])
+    texts = {name: [e["response"] for e in json.loads((tmp_path / name / "results.json").read_text())["suites"][0]
+                    ["examples"]] for name in "abcd"}
+    assert texts["a"] == texts["c"]
+    assert texts["a"] != texts["b"]  # the reload took effect
+    assert texts["a"] != texts["d"]  # another seed samples otherwise
