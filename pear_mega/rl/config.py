@@ -253,7 +253,11 @@ class RefitConfig:
     verify_interval: int = 1
     """Compare engine and trainer log-probs on the probes every N steps (0 = never)."""
     tol: float = 1e-3
-    """Max |Δ log-prob| (nats) allowed; beyond it the run stops. fp32: 1e-3; bf16 needs ~0.5."""
+    """Mean and 99th-percentile |Δ log-prob| (nats) over the probe tokens allowed; beyond it the run
+    stops. fp32: 1e-3; bf16 needs ~0.5."""
+    max_tol: float = 0.0
+    """Max |Δ log-prob| of any one probe token allowed (looser: one rare bf16 token may differ far
+    more than the rest); 0 = 10 x tol."""
     num_probes: int = 2
     """Probe sequences: the first N task prompts with their gold answer as the response."""
     transport: str = "auto"
@@ -272,6 +276,8 @@ class RefitConfig:
             raise ValueError(f"refit.verify_interval must be >= 0, got {self.verify_interval}")
         if not self.tol > 0:
             raise ValueError(f"refit.tol must be > 0, got {self.tol}")
+        if not (self.max_tol == 0 or self.max_tol >= self.tol):
+            raise ValueError(f"refit.max_tol must be 0 (= 10 x refit.tol) or >= refit.tol ({self.tol}), got {self.max_tol}")
         if self.num_probes < 1:
             raise ValueError(f"refit.num_probes must be >= 1, got {self.num_probes}")
 

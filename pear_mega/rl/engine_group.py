@@ -108,6 +108,13 @@ def engine_threads_for(engine_ranks_on_host: int) -> int:
     return max(torch.get_num_threads(), cores // max(1, engine_ranks_on_host))
 
 
+def broadcast_group_ranks(senders: dict[int, int], hosts: Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """Ranks of each pipeline stage's refit broadcast group: the stage's sender and every engine
+    rank. Stages with the same rank set share one group (when every rank hosts an engine, all
+    stages' sets are the whole world: one NCCL communicator instead of one per stage)."""
+    return {stage: tuple(sorted({src, *hosts})) for stage, src in sorted(senders.items())}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -170,9 +177,12 @@ class EngineGroup:
         hosts = list(range(placement.num_hosts))
         # new_group is collective over the default group: every rank creates every group.
         self.gather_group = dist.new_group(hosts, backend="gloo", timeout=timeout) if placement.num_engines > 1 else None
-        senders = hf_tensor_senders(ctx)
-        self.broadcast_groups = {stage: dist.new_group(sorted({src, *hosts}), timeout=timeout)
-                                 for stage, src in sorted(senders.items())}
+        by_ranks: dict[tuple[int, ...], Any] = {}
+        self.broadcast_groups = {}
+        for stage, ranks in broadcast_group_ranks(hf_tensor_senders(ctx), hosts).items():
+            if ranks not in by_ranks:  # same order on every rank: new_group is collective
+                by_ranks[ranks] = dist.new_group(list(ranks), timeout=timeout)
+            self.broadcast_groups[stage] = by_ranks[ranks]
 
     @property
     def hosts_engine(self) -> bool:

@@ -387,11 +387,22 @@ class RLTrainer:
         device = z.device
         labels = pack["labels"].to(device)
         with torch.no_grad():
+            # inputs checked once per step on the host (_check_packs): on the device every
+            # microbatch's check would be a host sync
             out = fused_pear_loss(z, labels, torch.zeros_like(labels, dtype=torch.float32),
                                   pack["cu_seqlens"].to(device), _LOGPROBS_ONLY, tp_group=self.tp_group,
                                   vocab_start=self.ctx.tp_rank * z.shape[-1], normalizer=1.0,
-                                  vocab_size=self.arch.vocab_size)
+                                  vocab_size=self.arch.vocab_size, check_inputs=False)
         return out
+
+    def _check_packs(self, packs: list[dict]) -> None:
+        """The fused kernel's input checks (labels in the vocabulary or -100, cu_seqlens), once per
+        step on the host copies of this rank's packs."""
+        from pear_mega.kernels.pear_loss import _check_values
+
+        for pack in packs:
+            labels = pack["labels"].cpu()
+            _check_values(labels, torch.zeros(labels.shape), pack["cu_seqlens"].cpu(), self.arch.vocab_size)
 
     def _logprob_loss(self, temperature: float, pack: dict, logits: torch.Tensor):
         out = self._detached_logprobs(logits, pack, temperature)
@@ -408,6 +419,7 @@ class RLTrainer:
         from pear_mega.rl.metrics import kl_to_initial_policy
 
         packs = plan_microbatches(seqs, self.ctx.dp_rank, self.ctx.dp_size, self.cfg.train.seq_length, self.pad_id)[0]
+        self._check_packs(packs)
         exp = Experience(ids=shard_of(len(seqs), self.ctx.dp_rank, self.ctx.dp_size))
         temperature = self.cfg.rollout.temperature
         last = self.ctx.is_last_stage
@@ -691,11 +703,11 @@ class RLTrainer:
         trainer_logprobs = self.probe_logprobs()
 
         def work():
-            worst = self.engine.verify_refit([s.prompt_ids for s in self.probe_seqs],
+            stats = self.engine.verify_refit([s.prompt_ids for s in self.probe_seqs],
                                              [s.response_ids for s in self.probe_seqs], trainer_logprobs,
-                                             tol=self.cfg.refit.tol)
-            worst = self.rollout.max_over_engines(worst)
-            return {"refit/max_abs_logp_diff": worst, "timing/refit_verify": time.perf_counter() - start}
+                                             tol=self.cfg.refit.tol, max_tol=self.cfg.refit.max_tol or None)
+            return {**{f"refit/{k}_abs_logp_diff": self.rollout.max_over_engines(v) for k, v in stats.items()},
+                    "timing/refit_verify": time.perf_counter() - start}
 
         return self.rollout.on_hosts(work)
 
