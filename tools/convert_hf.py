@@ -31,6 +31,10 @@ worked example (SmolLM2-135M-Instruct, 9 query / 3 KV heads, so TP 1 or 3):
   python tools/convert_hf.py export /tmp/smol-mcore /tmp/smol-hf
 
 supported architectures: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+loading is weights only: export and verify read tensors and plain data from a checkpoint and refuse
+one whose pickled index (.metadata) or common.pt names anything else (a crafted checkpoint cannot
+run code here); import reads safetensors only and refuses NaN/inf weights.
 """
 
 
