@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pear_mega.kd import KDConfig
 from pear_mega.optim import OptimConfig
 from pear_mega.parallel import ParallelConfig
 from pear_mega.pear import PearConfig
@@ -61,6 +62,24 @@ class DataConfig:
             raise ValueError(f"data.token_check must be 'decode' or 'retokenize', got {self.token_check!r}")
         if self.seq_length < 8:
             raise ValueError(f"data.seq_length must be >= 8, got {self.seq_length}")
+
+
+LOSS_KINDS = ("nll", "kd")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The per-token loss the PEAR weights multiply (``pear_mega.sft.losses``)."""
+
+    kind: str = "nll"
+    """"nll": PEAR-SFT, −log πθ of the data's tokens; "kd": distillation to the teacher top-K stored
+    with the data (collected with ``tools/collect_logprobs.py --top-k K``), settings in ``loss.kd``."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Distillation mode and KL / NLL weights (``pear_mega.kd``); used when kind = "kd"."""
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,7 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pear: PearConfig = field(default_factory=PearConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -137,6 +157,9 @@ class SFTConfig:
             raise ValueError("data.train_files is required (jsonl/parquet files with behavior log-probs)")
         if self.checkpoint.export_hf and not self.checkpoint.dir:
             raise ValueError("checkpoint.export_hf needs checkpoint.dir (export reads the final checkpoint)")
+        if self.loss.kind == "kd" and self.pear.target_temperature != 1.0:
+            raise ValueError(f"pear.target_temperature={self.pear.target_temperature} is not supported with "
+                             "loss.kind=kd (the distillation loss takes πθ at temperature 1)")
 
     def validate_run(self) -> None:
         """Checks of the final config (after every override; the CLI and the trainer run them
@@ -145,10 +168,13 @@ class SFTConfig:
 
         Raises:
             ValueError naming the key: warmup longer than the run, ``data.seq_length`` beyond the
-            model's context.
+            model's context; naming file, row and field: ``loss.kind=kd`` on data without a top-K.
         """
         self.optim.check_steps(self.train.steps, "train.steps")
         check_context_length(self.model.hf_path, self.data.seq_length, "data.seq_length")
+        from pear_mega.sft.losses import build_loss
+
+        build_loss(self, vocab_size=0).check_data(self.data.train_files)  # e.g. loss.kind=kd without top-K
 
 
 def check_context_length(hf_path: str, length: int, key: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pear_mega.config_tools import RecipeRegistry
+from pear_mega.kd import KDConfig
 from pear_mega.optim import OptimConfig
 from pear_mega.parallel import ParallelConfig
 from pear_mega.pear import PearConfig
@@ -17,6 +18,7 @@ from pear_mega.sft.config import (
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
+    LossConfig,
     ModelConfig,
     SFTConfig,
     TrainConfig,
@@ -79,6 +81,43 @@ def qwen3_8b_pear_sft() -> SFTConfig:
         train=TrainConfig(steps=2000, global_batch_packs=64),
         checkpoint=CheckpointConfig(dir="/checkpoints/qwen3_8b_pear_sft", save_interval=200),
         logging=LoggingConfig(tensorboard_dir="/checkpoints/qwen3_8b_pear_sft/tb"),
+    )
+
+
+@RECIPES.register
+def smollm2_pear_kd() -> SFTConfig:
+    """CPU: ``smollm2_pear_sft`` with PEAR on the top-32 distillation loss (``topk_tail``) instead of the
+    NLL, on answers whose top-32 was stored when they were sampled. The teacher is the same model at
+    temperature 0.7 (the stored top-32 is that of the sampling distribution), so the student learns
+    its sharper distribution; a pipeline demo that runs on CPU::
+
+        python tools/collect_logprobs.py generate --model outputs/models/smollm2-135m-instruct \\
+            --reasoning-gym basic_arithmetic --size 32 -n 4 --temperature 0.7 --max-tokens 16 --top-k 32 \\
+            --out outputs/data/behavior_top32.jsonl
+    """
+    base = smollm2_pear_sft()
+    return replace(
+        base, name="smollm2_pear_kd", data=replace(base.data, train_files=("outputs/data/behavior_top32.jsonl",)),
+        loss=LossConfig(kind="kd", kd=KDConfig(mode="topk_tail")),
+        checkpoint=CheckpointConfig(dir="outputs/ckpt/smollm2_pear_kd", export_hf="outputs/models/smollm2_pear_kd"),
+        logging=LoggingConfig(tensorboard_dir="outputs/tb/smollm2_pear_kd"),
+    )
+
+
+@RECIPES.register
+def qwen3_8b_pear_kd() -> SFTConfig:
+    """``qwen3_8b_pear_sft`` distilled from a teacher's stored top-32 (``topk_tail`` KL plus 0.1 × the
+    NLL of the data's tokens), e.g. scored by a larger model::
+
+        python tools/collect_logprobs.py score --model /models/Qwen3-32B --data /data/pear/train.jsonl \\
+            --top-k 32 --out /data/pear/train_top32.parquet
+    """
+    base = qwen3_8b_pear_sft()
+    return replace(
+        base, name="qwen3_8b_pear_kd", data=replace(base.data, train_files=("/data/pear/train_top32.parquet",)),
+        loss=LossConfig(kind="kd", kd=KDConfig(mode="topk_tail", kl_weight=1.0, nll_weight=0.1)),
+        checkpoint=CheckpointConfig(dir="/checkpoints/qwen3_8b_pear_kd", save_interval=200),
+        logging=LoggingConfig(tensorboard_dir="/checkpoints/qwen3_8b_pear_kd/tb"),
     )
 
 
