@@ -42,18 +42,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pear_mega.checkpointing import (
-    latest_checkpoint,
-    latest_step,
-    load_checkpoint,
-    lock_checkpoint_dir,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from pear_mega.checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
-from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, build_optimizer, guarded_step, wrap_ddp
+from pear_mega.optim import build_optimizer, guarded_step
 from pear_mega.pear import IGNORE_INDEX, PearConfig
 from pear_mega.platform import use_gpu
 from pear_mega.rl.config import RLConfig
@@ -70,6 +62,9 @@ from pear_mega.rl.experience import (
     shard_of,
     trim_packs,
 )
+from pear_mega.trainer_core import NonFiniteError, TrainerCore, forward_pack, share_from_last_stage
+
+__all__ = ["NonFiniteError", "RLTrainer", "vocab_parallel_entropy"]
 
 _LOGPROBS_ONLY = PearConfig(level="none")
 # metrics reduced with MAX (over microbatches and DP ranks) instead of a token-weighted mean
@@ -102,10 +97,6 @@ def _combine_updates(collected: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-class NonFiniteError(TrainingStopped):
-    """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
-
-
 def vocab_parallel_entropy(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
     """Differentiable entropy of softmax over vocab-parallel logits ``[T, V_valid_local]`` → ``[T]``.
 
@@ -134,23 +125,17 @@ def vocab_parallel_entropy(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
     return sums[0].log() - sums[1] / sums[0]
 
 
-class RLTrainer:
+class RLTrainer(TrainerCore):
     """Builds policy, reference, critic, prompt source and rollout engine from an ``RLConfig``."""
+
+    log_keys = ("rollout/reward_mean", "train/pg_loss", "train/clip_frac", "drift/kl_to_init_k3",
+                "refit/max_abs_logp_diff")
 
     def __init__(self, cfg: RLConfig):
         from megatron.core import parallel_state as ps
 
-        from pear_mega.models import ModelArch
-        from pear_mega.parallel import init_parallel
-
-        cfg.validate_run()
-        self.cfg = cfg
-        self.ctx = init_parallel(cfg.parallel)
-        # one writer per checkpoint directory (an orphaned worker and its restart must not share it)
-        self._dir_lock = lock_checkpoint_dir(cfg.checkpoint.dir, self.ctx) if cfg.checkpoint.dir else None
+        self._start(cfg)
         self.is_rank0 = self.ctx.rank == 0
-        self.dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        self.arch = ModelArch.from_hf(cfg.model.hf_path)
         self.engine_utilization = self._memory_plan()
         self.pad_id = int(self.arch.hf_config.get("pad_token_id") or 0)
         self.is_ppo = cfg.algorithm.name == "ppo"
@@ -161,7 +146,7 @@ class RLTrainer:
         self.metrics_src = coords.index((0, self.ctx.pp_size - 1, 0))
         total_updates = cfg.train.steps * cfg.algorithm.updates_per_step
 
-        self.policy = [self._build_trainable(self._build_model(cfg.model.hf_path))]
+        self.policy = [self._make_trainable(self._build_model(cfg.model.hf_path))]
         self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim, total_updates, self.dtype)
         self.ref = self._build_frozen() if cfg.needs_reference else None
         if self.is_ppo:
@@ -169,12 +154,10 @@ class RLTrainer:
 
             critic = build_critic(self.arch, self.ctx, cfg.critic.hf_path or cfg.model.hf_path, dtype=self.dtype,
                                   use_te=cfg.model.use_te, load_weights=cfg.model.load_weights)
-            self.critic = [self._build_trainable(critic)]
+            self.critic = [self._make_trainable(critic)]
             self.critic_optimizer, self.critic_scheduler = build_optimizer(
                 self.critic, cfg.critic.optim, total_updates, self.dtype)
 
-        self.step = 0
-        self.bad_streak = 0
         self.data_state: dict = {}
         resumed_from = None
         if cfg.checkpoint.dir and cfg.checkpoint.resume:
@@ -237,26 +220,6 @@ class RLTrainer:
         if self.cfg.rollout.offload_optimizer and use_gpu():
             for optimizer in self._optimizers():
                 optimizer.offload_to_cpu()
-
-    def _build_model(self, hf_path: str):
-        from pear_mega.models import build_gpt_model, load_hf_checkpoint
-
-        model = build_gpt_model(self.arch, self.ctx, dtype=self.dtype, use_te=self.cfg.model.use_te)
-        if self.cfg.model.load_weights:
-            load_hf_checkpoint(model, hf_path, self.arch, self.ctx)
-        return model
-
-    def _build_trainable(self, model):
-        from megatron.core.distributed import finalize_model_grads
-
-        if self.cfg.model.recompute_activations:
-            model.config.recompute_granularity = "full"
-            model.config.recompute_method = "uniform"
-            model.config.recompute_num_layers = 1
-        model.config.calculate_per_token_loss = True
-        model.config.finalize_model_grads_func = finalize_model_grads
-        use_dist = self.cfg.optim.use_distributed_optimizer
-        return wrap_ddp(model, use_dist if use_dist is not None else torch.cuda.is_available())
 
     def _build_frozen(self):
         model = self._build_model(self.cfg.model.hf_path)
@@ -356,14 +319,8 @@ class RLTrainer:
     # ------------------------------------------------------------------ forward passes
     def _forward_step(self, loss_func, data_iterator, model):
         """megatron forward_step_func: one pack → (output, loss_func bound to the pack)."""
-        from pear_mega.models import attention_inputs
-
         pack = next(data_iterator)
-        tokens = pack["tokens"].to(self.ctx.device).unsqueeze(0)
-        position_ids, attention_mask, packed = attention_inputs(pack["cu_seqlens"], tokens.shape[1], self.ctx.device,
-                                                                use_te=self.cfg.model.use_te)
-        output = model(tokens, position_ids, attention_mask, packed_seq_params=packed)
-        return output, partial(loss_func, pack)
+        return forward_pack(model, pack, self.ctx.device), partial(loss_func, pack)
 
     def _run_schedule(self, chunks, packs, loss_func, forward_only: bool) -> list:
         """One megatron schedule call over ``packs`` (one microbatch each), cut to their content."""
@@ -503,13 +460,7 @@ class RLTrainer:
 
     def _share_from_last_stage(self, t: torch.Tensor, dp_sum: bool = False) -> torch.Tensor:
         """Sum ``t`` over DP on the last stage, then broadcast it to every pipeline stage."""
-        t = t.to(self.ctx.device)
-        if dp_sum and self.ctx.is_last_stage and self.ctx.dp_size > 1:
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        if self.ctx.pp_size > 1:
-            src = dist.get_process_group_ranks(self.ctx.pp_group)[-1]
-            dist.broadcast(t, src=src, group=self.ctx.pp_group)
-        return t.cpu()
+        return share_from_last_stage(self.ctx, t.to(self.ctx.device), dist.ReduceOp.SUM if dp_sum else None).cpu()
 
     def _attach(self, packs: list[dict], seqs: list[RolloutSequence], exp: Experience) -> None:
         """Per-token tensors of the loss, on the last stage (response-aligned → pack positions)."""
@@ -749,37 +700,6 @@ class RLTrainer:
         dist.broadcast_object_list(box, src=self.metrics_src)
         return {**box[0], **metrics} if self.is_rank0 else metrics
 
-    def train(self) -> list[dict]:
-        cfg = self.cfg
-        keys = ("rollout/reward_mean", "train/pg_loss", "train/clip_frac", "drift/kl_to_init_k3",
-                "refit/max_abs_logp_diff")
-        try:
-            while self.step < cfg.train.steps:
-                try:
-                    metrics = self.train_step()
-                except NonFiniteUpdateError as exc:
-                    last = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else "none (checkpoint.dir unset)"
-                    raise NonFiniteError(f"step {self.step + 1}: {exc}; stopping without saving it. "
-                                         f"The last good checkpoint is {last}") from None
-                if self.bad_streak >= cfg.train.max_bad_steps:
-                    raise NonFiniteError(
-                        f"{self.bad_streak} consecutive optimizer steps had a non-finite loss or grad norm; "
-                        f"stopping at step {self.step}. The last good checkpoint is "
-                        f"{latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else 'none (checkpoint.dir unset)'}")
-                if cfg.checkpoint.dir and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
-                    t = time.perf_counter()
-                    self.save()
-                    metrics["timing/checkpoint"] = time.perf_counter() - t
-                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
-                    self.metrics.log(self.step, metrics, keys)
-            if cfg.checkpoint.dir and latest_step(cfg.checkpoint.dir) != self.step:
-                self.save()
-            if cfg.checkpoint.export_hf:
-                self.export_hf(cfg.checkpoint.export_hf)
-        finally:
-            self.metrics.close()
-        return self.metrics.history
-
     def save(self) -> Path:
         """Critic first, then the policy (whose ``latest`` marks the step complete)."""
         meta = {"hf_path": self.cfg.model.hf_path, "config": to_dict(self.cfg)}
@@ -789,29 +709,11 @@ class RLTrainer:
         return save_checkpoint(self.cfg.checkpoint.dir, self.step, self.policy, self.optimizer, self.scheduler,
                                self.ctx, self.data_state, meta, hf_files_from=self.cfg.model.hf_path)
 
-    def export_hf(self, out_dir: str) -> None:
-        """Gather TP/PP shards into an HF directory (safetensors + config + tokenizer) on rank 0."""
-        from pear_mega.models import iter_hf_tensors, save_hf_checkpoint
-
-        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, dst=0)
-        if self.is_rank0:
-            save_hf_checkpoint(tensors, out_dir, self.arch, hf_files_from=self.cfg.model.hf_path)
-        else:
-            for _ in tensors:
-                pass
-        dist.barrier()
-        self._print(f"exported HF checkpoint to {out_dir}")
-
-    def _print(self, msg: str) -> None:
-        if self.is_rank0:
-            print(msg, flush=True)
+    def _export_model(self):
+        return self.policy[0]
 
     def close(self) -> None:
-        from pear_mega.parallel import destroy_parallel
-
-        if self._dir_lock is not None:
-            self._dir_lock.close()
         self.rollout.close()
         if self.staging is not None:
             self.staging.close()
-        destroy_parallel()
+        super().close()

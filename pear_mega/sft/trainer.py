@@ -5,7 +5,8 @@ One optimizer step::
     packs (global_batch_packs / DP per rank, one pack per microbatch)
       → megatron get_forward_backward_func()   (1F1B over PP stages; no pipelining when PP = 1)
           forward_step: GPTModel(tokens, positions, block-diagonal mask) → logits [1, S, V/tp]
-          loss_func:    fused_pear_loss(logits, labels, logp_beta, cu_seqlens) → Σ G·(−logp_θ), n
+          loss_func:    loss.kind's loss object (pear_mega.sft.losses): fused_pear_loss → Σ G·(−logp_θ), n,
+                        or fused_pear_kd_loss against the data's teacher top-K → Σ G·ℓ_KD, n
       → finalize_model_grads: DP all-reduce, then grads /= global loss-token count (on device)
       → guarded optimizer step (skipped when the loss or grad norm is not finite)
       → LR schedule, metrics, checkpoint
@@ -17,6 +18,9 @@ microbatch returns the *sum* of its weighted token losses and its token count, s
 1 / (its sequence's loss tokens). ``"weights"`` self-normalizes within each microbatch
 (Σ G·ℓ / Σ G), token-weighted across microbatches: Σ G over the global batch is only known after
 every forward, which megatron's schedule does not offer.
+
+The model building, forward step, loop, export and ``NonFiniteError`` are the trainer core's
+(``pear_mega.trainer_core``); this module holds the SFT data, the loss call and its statistics.
 """
 
 from __future__ import annotations
@@ -30,65 +34,41 @@ from pathlib import Path
 
 import torch
 
-from pear_mega.checkpointing import (
-    latest_checkpoint,
-    latest_step,
-    load_checkpoint,
-    lock_checkpoint_dir,
-    save_checkpoint,
-)
+from pear_mega.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from pear_mega.config_tools import to_dict
 from pear_mega.metrics_log import MetricsWriter
-from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, build_optimizer, guarded_step, wrap_ddp
-from pear_mega.pear import IGNORE_INDEX, truncated_sampling_warning
+from pear_mega.optim import build_optimizer, guarded_step
+from pear_mega.pear import truncated_sampling_warning
 from pear_mega.sft.config import SFTConfig
+from pear_mega.trainer_core import NonFiniteError, TrainerCore, forward_pack, share_from_last_stage
 
 # Order of the per-step summed statistics (one float64 tensor, reduced with a single all_reduce).
-_SUMS = ("tokens", "count", "nll", "weighted_nll", "g", "g2", "clip_low", "clip_high", "delta_clip", "seq_tokens")
+# "weighted_loss": Σ G·ℓ_t with ℓ_t the loss kind's per-token loss; the kind's own sums follow these.
+_SUMS = ("tokens", "count", "nll", "weighted_loss", "g", "g2", "clip_low", "clip_high", "delta_clip", "seq_tokens")
+
+__all__ = ["NonFiniteError", "SFTTrainer"]
 
 
-class NonFiniteError(TrainingStopped):
-    """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
-
-
-class SFTTrainer:
+class SFTTrainer(TrainerCore):
     """Builds the parallel model, optimizer and data from an ``SFTConfig`` and runs PEAR-SFT."""
 
+    log_keys = ("train/loss", "train/nll", "pear/weight_mean", "train/grad_norm")
+    save_after_skipped_step = False
+
     def __init__(self, cfg: SFTConfig):
-        from megatron.core.distributed import finalize_model_grads
-
         from pear_mega.data import PackSource
-        from pear_mega.models import ModelArch, build_gpt_model, load_hf_checkpoint
-        from pear_mega.parallel import init_parallel
+        from pear_mega.sft.losses import build_loss
 
-        cfg.validate_run()
-        self.cfg = cfg
-        self.ctx = init_parallel(cfg.parallel)
-        # one writer per checkpoint directory (an orphaned worker and its restart must not share it)
-        self._dir_lock = lock_checkpoint_dir(cfg.checkpoint.dir, self.ctx) if cfg.checkpoint.dir else None
+        self._start(cfg)
         if cfg.train.global_batch_packs % self.ctx.dp_size:
             raise ValueError(
                 f"train.global_batch_packs={cfg.train.global_batch_packs} must be divisible by the "
                 f"data-parallel size {self.ctx.dp_size}"
             )
         self.num_microbatches = cfg.train.global_batch_packs // self.ctx.dp_size
-        self.dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        self.arch = ModelArch.from_hf(cfg.model.hf_path)
-
-        model = build_gpt_model(self.arch, self.ctx, dtype=self.dtype, use_te=cfg.model.use_te)
-        if cfg.model.recompute_activations:
-            # Read by TransformerBlock at forward time: recompute every layer from its input.
-            model.config.recompute_granularity = "full"
-            model.config.recompute_method = "uniform"
-            model.config.recompute_num_layers = 1
-        if cfg.model.load_weights:
-            load_hf_checkpoint(model, cfg.model.hf_path, self.arch, self.ctx)
-        # Per-token normalization (see module docstring); DDP reads this flag when it is built.
-        model.config.calculate_per_token_loss = True
-        model.config.finalize_model_grads_func = finalize_model_grads
-        use_dist_opt = (cfg.optim.use_distributed_optimizer
-                        if cfg.optim.use_distributed_optimizer is not None else torch.cuda.is_available())
-        self.model = [wrap_ddp(model, use_dist_opt)]
+        self.model = [self._make_trainable(self._build_model(cfg.model.hf_path))]
+        self.loss = build_loss(cfg, self.arch.vocab_size)
+        self._sum_names = _SUMS + self.loss.extra_names
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps, self.dtype)
 
         self.data = PackSource(
@@ -102,14 +82,13 @@ class SFTTrainer:
             truncate=cfg.data.truncate,
             token_check=cfg.data.token_check,
         )
+        self.loss.check_packs(self.data.packs, cfg.data.train_files)
         if self.ctx.rank == 0:
             print(f"data: {self.data.stats.summary()}", flush=True)
             warning = truncated_sampling_warning(
                 ((json.loads(k), n) for k, n in self.data.stats.behaviors.items()), cfg.pear)
             if warning:
                 warnings.warn(warning, stacklevel=1)
-        self.step = 0
-        self.bad_streak = 0
         if cfg.checkpoint.dir and cfg.checkpoint.resume:
             path = latest_checkpoint(cfg.checkpoint.dir)
             if path is not None:
@@ -124,69 +103,41 @@ class SFTTrainer:
     # ------------------------------------------------------------------ the step
     def _forward_step(self, data_iterator, model):
         """megatron forward_step_func: one pack → (output, loss_func)."""
-        from pear_mega.models import attention_inputs
-
         pack = next(data_iterator)
-        tokens = pack["tokens"].to(self.ctx.device).unsqueeze(0)
-        position_ids, attention_mask, packed_seq_params = attention_inputs(
-            pack["cu_seqlens"], tokens.shape[1], self.ctx.device)
-        output = model(tokens, position_ids, attention_mask, packed_seq_params=packed_seq_params)
-        return output, partial(self._loss_func, pack)
+        return forward_pack(model, pack, self.ctx.device), partial(self._loss_func, pack)
 
     def _loss_func(self, pack, logits: torch.Tensor):
         """logits [1, S, V/tp] → (Σ weighted loss, loss-token count, stats); see module docstring."""
-        from pear_mega.kernels import fused_pear_loss
-
-        device = logits.device
-        labels = pack["labels"].to(device)
-        logp_beta = pack["behavior_logprobs"].to(device)
-        cu_seqlens = pack["cu_seqlens"].to(device)
-        pear = self.cfg.pear
-        mask = labels != IGNORE_INDEX
-        n_tokens = mask.sum()
-        v_local = logits.shape[-1]
-        normalizer = None if pear.normalization == "weights" else 1.0
         # squeeze, not logits[0]: squeeze's backward is a view of the incoming gradient, while
         # select's backward allocates a zeroed [1, S, V/tp] buffer and copies the gradient into it.
-        out = fused_pear_loss(
-            logits.squeeze(0), labels, logp_beta, cu_seqlens, pear,
-            tp_group=self.ctx.tp_group if self.ctx.tp_size > 1 else None,
-            vocab_start=self.ctx.tp_rank * v_local, normalizer=normalizer, vocab_size=self.arch.vocab_size,
-            # The logits are a fresh [s, V/tp] buffer (GPTModel's transpose().contiguous()) that nothing
-            # reads after the loss: its storage takes the gradient, saving one logits-sized buffer.
-            inplace_backward=True,
-        )
-        if pear.normalization == "tokens":
-            loss, count = out.loss, n_tokens
-        elif pear.normalization == "sequences":
-            seq_ids = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device),
-                                              (cu_seqlens[1:] - cu_seqlens[:-1]).long())
-            per_seq = torch.zeros(len(cu_seqlens) - 1, device=device).index_add_(0, seq_ids, mask.float())
-            loss, count = out.loss, (per_seq > 0).sum()
-        else:  # "weights": token-weighted mean of per-microbatch self-normalized losses
-            loss, count = out.loss * n_tokens, n_tokens
-        stats = self._stat_sums(out, mask, logp_beta, count)
-        self._last_log_weights = out.log_weights[mask]
-        return loss, count.to(torch.int), {"sums": stats[0], "minmax": stats[1]}
+        # The logits are a fresh [s, V/tp] buffer (GPTModel's transpose().contiguous()) that nothing
+        # reads after the loss: the loss writes the gradient into its storage (inplace_backward).
+        result = self.loss(logits.squeeze(0), pack, self.ctx)
+        mask = result.mask
+        stats = self._stat_sums(result, mask, result.logp_beta, result.count)
+        self._last_log_weights = result.out.log_weights[mask]
+        return result.loss_sum, result.count.to(torch.int), {"sums": stats[0], "minmax": stats[1]}
 
-    def _stat_sums(self, out, mask, logp_beta, count):
+    def _stat_sums(self, result, mask, logp_beta, count):
         """Per-microbatch sums for the step metrics (summed over microbatches and DP later)."""
-        pear = self.cfg.pear
+        pear, out = self.cfg.pear, result.out
         m = mask.double()
         lw = out.log_weights.double()
         g = lw.exp() * m
         nll = -out.logprobs.double() * m
+        entropy = getattr(out, "entropy", None)  # the distillation loss has none
         lo, hi = pear.log_weight_clip
         dlo, dhi = pear.delta_clip
         delta = out.logprobs.double() - logp_beta.double()
         at_bound = pear.level != "none"
         sums = torch.stack([
-            m.sum(), count.double(), nll.sum(), (g * nll).sum(), g.sum(), (g * g).sum(),
+            m.sum(), count.double(), nll.sum(), (g * result.per_token.double() * m).sum(), g.sum(), (g * g).sum(),
             ((lw <= lo + 1e-6) & mask).double().sum() if at_bound else m.sum() * 0,
             ((lw >= hi - 1e-6) & mask).double().sum() if at_bound else m.sum() * 0,
             (((delta < dlo) | (delta > dhi)) & mask).double().sum(),
-            (out.entropy.double() * m).sum(),
+            (entropy.double() * m).sum() if entropy is not None else m.sum() * 0,
         ])
+        sums = torch.cat([sums, result.sums.to(sums)])
         big = torch.tensor(float("inf"), dtype=torch.float64, device=lw.device)
         minmax = torch.stack([(-torch.where(mask, lw, big)).max() if mask.any() else -big,
                               torch.where(mask, lw, -big).max() if mask.any() else -big])
@@ -227,27 +178,22 @@ class SFTTrainer:
     def _reduce_stats(self, reduced: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the microbatch stats on the last stage, share them along PP, then reduce over DP."""
         device = self.ctx.device
-        sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(self._sum_names), dtype=torch.float64, device=device)
         minmax = torch.full((2,), -float("inf"), dtype=torch.float64, device=device)
         for item in reduced:
             sums += item["sums"]
             minmax = torch.maximum(minmax, item["minmax"])
-        if self.ctx.pp_size > 1:
-            last = torch.distributed.get_process_group_ranks(self.ctx.pp_group)[-1]
-            torch.distributed.broadcast(sums, src=last, group=self.ctx.pp_group)
-            torch.distributed.broadcast(minmax, src=last, group=self.ctx.pp_group)
-        if self.ctx.dp_size > 1:
-            torch.distributed.all_reduce(sums, group=self.ctx.dp_group)
-            torch.distributed.all_reduce(minmax, op=torch.distributed.ReduceOp.MAX, group=self.ctx.dp_group)
+        share_from_last_stage(self.ctx, sums, torch.distributed.ReduceOp.SUM)
+        share_from_last_stage(self.ctx, minmax, torch.distributed.ReduceOp.MAX)
         return sums.cpu(), minmax.cpu()
 
     def _metrics(self, sums, minmax, grad_norm, applied, elapsed, real_tokens) -> dict[str, float]:
-        s = dict(zip(_SUMS, sums.tolist()))
+        s = dict(zip(self._sum_names, sums.tolist()))
         n = max(s["tokens"], 1.0)
-        loss = s["weighted_nll"] / max(s["count"], 1.0)
+        loss = s["weighted_loss"] / max(s["count"], 1.0)
         if self.cfg.pear.normalization == "weights":
-            loss = s["weighted_nll"] / max(s["g"], 1e-30)
-        return {
+            loss = s["weighted_loss"] / max(s["g"], 1e-30)
+        metrics = {
             "train/loss": loss,
             "train/nll": s["nll"] / n,
             "train/entropy": s["seq_tokens"] / n,
@@ -265,44 +211,15 @@ class SFTTrainer:
             "pear/clip_high_frac": s["clip_high"] / n,
             "pear/delta_clip_frac": s["delta_clip"] / n,
         }
+        if not self.loss.has_entropy:  # e.g. the distillation kernel computes none
+            del metrics["train/entropy"]
+        return {**metrics, **self.loss.metrics(s)}
 
-    # ------------------------------------------------------------------ the loop
-    def train(self) -> list[dict]:
-        cfg = self.cfg
-        try:
-            while self.step < cfg.train.steps:
-                try:
-                    metrics = self.train_step()
-                except NonFiniteUpdateError as exc:
-                    raise NonFiniteError(f"step {self.step + 1}: {exc}; stopping without saving it. "
-                                         f"The last good checkpoint is {self._last_good()}") from None
-                if self.bad_streak >= cfg.train.max_bad_steps:
-                    raise NonFiniteError(
-                        f"{self.bad_streak} consecutive steps had a non-finite loss or grad norm "
-                        f"(last: loss={metrics['train/loss']}, grad_norm={metrics['train/grad_norm']}); "
-                        f"stopping at step {self.step}. The last good checkpoint is {self._last_good()}"
-                    )
-                if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
-                    self.metrics.log(self.step, metrics, ("train/loss", "train/nll", "pear/weight_mean", "train/grad_norm"))
-                hist = cfg.logging.histogram_interval
-                if hist and self.step % hist == 0 and self._last_log_weights is not None:
-                    self.metrics.histogram(self.step, "pear/log_weights", self._last_log_weights)
-                if (cfg.checkpoint.dir and cfg.checkpoint.save_interval
-                        and self.step % cfg.checkpoint.save_interval == 0 and self.bad_streak == 0):
-                    self.save()
-            if cfg.checkpoint.dir and latest_step(cfg.checkpoint.dir) != self.step:
-                self.save()
-            if cfg.checkpoint.export_hf:
-                self.export_hf(cfg.checkpoint.export_hf)
-        finally:
-            self.metrics.close()
-        return self.metrics.history
-
-    def _last_good(self) -> str:
-        """The newest checkpoint (saves refuse non-finite weights, so it is a finite one)."""
-        if not self.cfg.checkpoint.dir:
-            return "none (checkpoint.dir unset)"
-        return str(latest_checkpoint(self.cfg.checkpoint.dir) or f"none in {self.cfg.checkpoint.dir}")
+    # ------------------------------------------------------------------ the loop (trainer_core)
+    def _after_step(self, metrics: dict[str, float]) -> None:
+        hist = self.cfg.logging.histogram_interval
+        if hist and self.step % hist == 0 and self._last_log_weights is not None:
+            self.metrics.histogram(self.step, "pear/log_weights", self._last_log_weights)
 
     def save(self, before_publish=None) -> Path:
         return save_checkpoint(
@@ -313,26 +230,5 @@ class SFTTrainer:
             before_publish=before_publish,
         )
 
-    def export_hf(self, out_dir: str) -> None:
-        """Gather TP/PP shards into an HF directory (safetensors + config + tokenizer) on rank 0."""
-        from pear_mega.models import iter_hf_tensors, save_hf_checkpoint
-
-        tensors = iter_hf_tensors(self.model[0].module, self.arch, self.ctx, dst=0)
-        if self.ctx.rank == 0:
-            save_hf_checkpoint(tensors, out_dir, self.arch, hf_files_from=self.cfg.model.hf_path)
-        else:
-            for _ in tensors:  # every rank drives the gather collectives
-                pass
-        torch.distributed.barrier()
-        self._print(f"exported HF checkpoint to {out_dir}")
-
-    def _print(self, msg: str) -> None:
-        if self.ctx.rank == 0:
-            print(msg, flush=True)
-
-    def close(self) -> None:
-        from pear_mega.parallel import destroy_parallel
-
-        if self._dir_lock is not None:
-            self._dir_lock.close()
-        destroy_parallel()
+    def _export_model(self):
+        return self.model[0].module
