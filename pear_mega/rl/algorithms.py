@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,17 @@ class PolicyLossConfig:
     """L_cache of DAPO's soft overlong punishment, in tokens (soft_penalty only)."""
     overlong_penalty: float = 1.0
     """Scale of the soft overlong penalty (the paper's −1 at the limit times this)."""
+    ratio: str = "token"
+    """How the importance ratio is formed, a name in ``SURROGATES``: 'token' (PPO's per-token ρ_t)."""
+    loss_agg: str = "token_mean"
+    """How token losses become the loss, a name in ``LOSS_AGGREGATIONS``: 'token_mean' (Σ_t ℓ_t / N over
+    the global batch's loss tokens, DAPO Eq. 12)."""
 
     def __post_init__(self) -> None:
+        if self.ratio not in SURROGATES:
+            raise ValueError(f"ratio must be one of {tuple(SURROGATES)}, got {self.ratio!r}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg must be one of {tuple(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
         if not 0.0 <= self.clip_eps_low < 1.0:
             raise ValueError(f"clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
         if self.clip_eps_high < 0.0:
@@ -562,6 +572,58 @@ def overlong_shaping(
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# Policy-loss seams: the surrogate (how the ratio is formed) and the aggregation (how token
+# losses become one loss). A new objective registers a function here and names it in a config.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a surrogate or an aggregation may read beyond the per-token tensors of one microbatch."""
+
+    cu_seqlens: Tensor | None = None
+    """``[B+1]`` boundaries of the packed sequences (prompt + response each); tokens past the last
+    boundary are padding."""
+    max_response_len: int | None = None
+    """The generation budget (``rollout.max_tokens``)."""
+
+
+def segment_ids(cu_seqlens: Tensor, length: int) -> Tensor:
+    """``[length]`` index of the packed sequence each token belongs to (padding: one more index)."""
+    cu = cu_seqlens.long().flatten()
+    lengths = cu[1:] - cu[:-1]
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    pad = length - seg.numel()
+    return torch.cat([seg, torch.full((pad,), lengths.numel(), device=cu.device, dtype=seg.dtype)]) if pad else seg
+
+
+def _token_surrogate(config, logp, logp_old, advantages, loss_mask, normalizer, is_weights, context):
+    return ppo_policy_loss(logp, logp_old, advantages, loss_mask, config.clip_eps_low, config.clip_eps_high,
+                           config.dual_clip, normalizer, is_weights)
+
+
+def _token_mean(loss_mask: Tensor, context: LossContext | None) -> tuple[Tensor | None, Tensor]:
+    return None, loss_mask.sum()
+
+
+SURROGATES: dict[str, Callable] = {"token": _token_surrogate}
+"""ratio name → ``f(config, logp, logp_old, advantages, loss_mask, normalizer, is_weights, context)
+-> (Σ_t mask_t·ℓ_t / normalizer, metrics)``."""
+
+LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, LossContext | None], tuple[Tensor | None, Tensor]]] = {
+    "token_mean": _token_mean,
+}
+"""loss_agg name → ``f(loss_mask, context) -> (token_weights or None, count)``: the microbatch returns
+Σ_t mask_t·w_t·ℓ_t with its ``count``, and megatron divides the gradients by the global Σ count."""
+
+
+def loss_aggregation(config: PolicyLossConfig, loss_mask: Tensor,
+                     context: LossContext | None = None) -> tuple[Tensor | None, Tensor]:
+    """``(token weights or None, count)`` of ``config.loss_agg`` for one microbatch."""
+    return LOSS_AGGREGATIONS[config.loss_agg](loss_mask, context)
+
+
 def policy_loss(
     config: PolicyLossConfig,
     logp: Tensor,
@@ -572,6 +634,8 @@ def policy_loss(
     logp_rollout: Tensor | None = None,
     logp_ref: Tensor | None = None,
     entropy: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    context: LossContext | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The full actor loss for one micro-batch:
 
@@ -579,6 +643,8 @@ def policy_loss(
 
     each term token-normalized by the same N. ``logp_rollout`` enables TIS (if ``config.tis_cap``)
     and mismatch metrics; ``logp_ref`` is required when ``kl_coef > 0`` and ``kl_mode='loss'``.
+    L_clip is ``SURROGATES[config.ratio]``; ``token_weights`` (from ``loss_aggregation``) multiply
+    the loss mask of every term (the loss-term metrics are then weighted by them too).
     """
     metrics: Metrics = {}
     w = None
@@ -587,10 +653,9 @@ def policy_loss(
         if config.tis_cap is not None:
             w, m = truncated_is_weights(logp_old, logp_rollout, loss_mask, config.tis_cap)
             metrics.update(m)
-    loss, m = ppo_policy_loss(
-        logp, logp_old, advantages, loss_mask, config.clip_eps_low, config.clip_eps_high,
-        config.dual_clip, normalizer, w,
-    )
+    if token_weights is not None:
+        loss_mask = loss_mask * token_weights
+    loss, m = SURROGATES[config.ratio](config, logp, logp_old, advantages, loss_mask, normalizer, w, context)
     metrics.update(m)
     metrics["train/pg_loss"] = loss.detach()
     if config.kl_coef > 0 and config.kl_mode == "loss":

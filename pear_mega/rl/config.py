@@ -17,10 +17,9 @@ from dataclasses import dataclass, field, replace
 
 from pear_mega.optim import OptimConfig
 from pear_mega.parallel import ParallelConfig
-from pear_mega.rl.algorithms import GRPOConfig, PPOConfig
+from pear_mega.rl.algorithms import GRPOConfig, PolicyLossConfig, PPOConfig
 from pear_mega.sft.config import CheckpointConfig, ModelConfig
 
-ALGORITHMS = ("grpo", "ppo")
 TASK_SOURCES = ("reasoning_gym", "jsonl", "synthetic")
 SYNTHETIC_REWARDS = ("low_ids",)
 
@@ -185,7 +184,8 @@ class AlgorithmConfig:
     """GRPO or PPO, and how one rollout batch is turned into optimizer steps."""
 
     name: str = "grpo"
-    """'grpo' (group-relative advantages, no critic) or 'ppo' (critic + GAE)."""
+    """A name in ``pear_mega.rl.estimators.ESTIMATORS``: 'grpo' (group-relative advantages, no
+    critic) or 'ppo' (critic + GAE)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """GRPO loss options; ``group_size`` is always ``rollout.n`` (set by RLConfig)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -200,16 +200,25 @@ class AlgorithmConfig:
     """With dynamic sampling: generation rounds per step to fill the batch with informative groups."""
 
     def __post_init__(self):
-        if self.name not in ALGORITHMS:
-            raise ValueError(f"algorithm.name must be one of {ALGORITHMS}, got {self.name!r}")
+        from pear_mega.rl.estimators import check_estimator
+
+        check_estimator(self.name, self)
         if self.ppo_epochs < 1 or self.minibatches < 1:
             raise ValueError("algorithm.ppo_epochs and algorithm.minibatches must be >= 1")
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError(f"algorithm.dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
 
     @property
-    def policy(self) -> GRPOConfig | PPOConfig:
-        return self.grpo if self.name == "grpo" else self.ppo
+    def estimator(self):
+        """The ``pear_mega.rl.estimators.Estimator`` of ``name``."""
+        from pear_mega.rl.estimators import ESTIMATORS
+
+        return ESTIMATORS[self.name]
+
+    @property
+    def policy(self) -> PolicyLossConfig:
+        """The estimator's policy-loss settings (``algorithm.<its settings field>``)."""
+        return getattr(self, self.estimator.settings)
 
     @property
     def updates_per_step(self) -> int:
@@ -325,8 +334,9 @@ class RLConfig:
         if self.train.seq_length < self.rollout.max_tokens + 1:
             raise ValueError(f"train.seq_length ({self.train.seq_length}) must exceed rollout.max_tokens "
                              f"({self.rollout.max_tokens})")
-        if self.algorithm.name == "grpo" and self.rollout.n < 2:
-            raise ValueError(f"rollout.n must be >= 2 for GRPO's group-relative advantages, got {self.rollout.n}")
+        if self.algorithm.estimator.group_relative and self.rollout.n < 2:
+            raise ValueError(f"rollout.n must be >= 2 for {self.algorithm.name}'s group-relative advantages, "
+                             f"got {self.rollout.n}")
         # GRPO's group is the n samples of one prompt: one number, kept in rollout.n.
         if self.algorithm.grpo.group_size != self.rollout.n and self.rollout.n >= 2:
             object.__setattr__(self, "algorithm", replace(
@@ -350,7 +360,7 @@ class RLConfig:
 
         updates = "train.steps x algorithm.ppo_epochs x algorithm.minibatches"
         self.optim.check_steps(self.train.steps * self.algorithm.updates_per_step, updates)
-        if self.algorithm.name == "ppo":
+        if self.algorithm.estimator.needs_critic:
             try:
                 self.critic.optim.check_steps(self.train.steps * self.algorithm.updates_per_step, updates)
             except ValueError as exc:
@@ -363,7 +373,7 @@ class RLConfig:
             check_prompt_answers(self.task.prompts_file, "task.prompts_file")
 
     @property
-    def policy(self) -> GRPOConfig | PPOConfig:
+    def policy(self) -> PolicyLossConfig:
         return self.algorithm.policy
 
     @property

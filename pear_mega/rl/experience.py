@@ -214,7 +214,7 @@ def collect_rollouts(engine, source: PromptSource, cfg: RLConfig, step: int
     from pear_mega.rl.algorithms import dynamic_sampling_mask, overlong_shaping
 
     ro, policy = cfg.rollout, cfg.policy
-    dynamic = cfg.algorithm.name == "grpo" and cfg.algorithm.grpo.dynamic_sampling
+    dynamic = getattr(policy, "dynamic_sampling", False)  # group-relative settings (GRPOConfig) only
     rounds = cfg.algorithm.dynamic_sampling_max_rounds if dynamic else 1
     kept: list[RolloutSequence] = []
     sums = {"raw": [], "len": [], "trunc": [], "extract_fail": [], "dropped": 0.0, "kept": 0.0, "penalty": []}

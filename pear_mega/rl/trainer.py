@@ -6,7 +6,8 @@ One RL step, one phase per line (``RLTrainer.train_step``)::
                                    rewards, over-long shaping, dynamic sampling → every rank
     exp      = recompute(seqs)     forward-only: log π_old and entropy (policy), log π_ref
                                    (frozen initial policy), V (critic, PPO)
-    adv      = advantages(...)     GRPO: group-relative per sequence; PPO: GAE on token rewards
+    adv      = advantages(...)     the estimator's (pear_mega.rl.estimators): GRPO group-relative
+                                   per sequence, PPO GAE on token rewards
     train    = update(...)         ppo_epochs x minibatches optimizer steps (megatron schedule)
     sync     = sync_weights()      iter_hf_tensors → RolloutEngine.update_weights (bucketed)
     verify   = verify_refit()      probe log-probs: engine vs trainer, beyond tol → stop
@@ -56,7 +57,6 @@ from pear_mega.rl.experience import (
     collect_rollouts,
     gather_from_pack,
     pack_sequences,
-    padded,
     plan_microbatches,
     scatter_to_pack,
     shard_of,
@@ -138,7 +138,7 @@ class RLTrainer(TrainerCore):
         self.is_rank0 = self.ctx.rank == 0
         self.engine_utilization = self._memory_plan()
         self.pad_id = int(self.arch.hf_config.get("pad_token_id") or 0)
-        self.is_ppo = cfg.algorithm.name == "ppo"
+        self.estimator = cfg.algorithm.estimator  # pear_mega.rl.estimators: critic or not, advantages
         self.tp_group = self.ctx.tp_group if self.ctx.tp_size > 1 else None
         coords = [None] * self.ctx.world_size
         dist.all_gather_object(coords, (self.ctx.tp_rank, self.ctx.pp_rank, self.ctx.dp_rank))
@@ -149,7 +149,8 @@ class RLTrainer(TrainerCore):
         self.policy = [self._make_trainable(self._build_model(cfg.model.hf_path))]
         self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim, total_updates, self.dtype)
         self.ref = self._build_frozen() if cfg.needs_reference else None
-        if self.is_ppo:
+        self.kl_in_reward = cfg.policy.kl_coef > 0 and cfg.policy.kl_mode == "reward" and self.ref is not None
+        if self.estimator.needs_critic:
             from pear_mega.rl.critic import build_critic
 
             critic = build_critic(self.arch, self.ctx, cfg.critic.hf_path or cfg.model.hf_path, dtype=self.dtype,
@@ -164,7 +165,7 @@ class RLTrainer(TrainerCore):
             resumed_from = latest_checkpoint(cfg.checkpoint.dir)
             if resumed_from is not None:
                 keep = cfg.checkpoint.keep_schedule
-                if self.is_ppo:
+                if self.estimator.needs_critic:
                     load_checkpoint(Path(cfg.checkpoint.dir) / "critic" / resumed_from.name, self.critic,
                                     self.critic_optimizer, self.critic_scheduler, self.ctx, keep_schedule=keep)
                 # the policy's last: its RNG states are the ones restored
@@ -212,7 +213,7 @@ class RLTrainer(TrainerCore):
         return plan["utilization"]
 
     def _optimizers(self) -> list:
-        return [self.optimizer] + ([self.critic_optimizer] if self.is_ppo else [])
+        return [self.optimizer] + ([self.critic_optimizer] if self.estimator.needs_critic else [])
 
     def _offload_optimizers(self) -> None:
         """``rollout.offload_optimizer`` (GPU, bf16 params with fp32 main params): the optimizer state
@@ -388,7 +389,7 @@ class RLTrainer(TrainerCore):
             outputs = self._forward_only([self.ref], packs, partial(self._logprob_loss, temperature))
             for pack, out in zip(packs, outputs if last else []):
                 exp.logp_ref.update(gather_from_pack(pack, out["logp"]))
-        if self.is_ppo:
+        if self.estimator.needs_critic:
             outputs = self._forward_only(self.critic, packs, self._value_output)
             for pack, out in zip(packs, outputs if last else []):
                 exp.values.update(gather_from_pack(pack, out["values"]))
@@ -410,53 +411,10 @@ class RLTrainer(TrainerCore):
         return exp, metrics
 
     def advantages(self, seqs: list[RolloutSequence], exp: Experience) -> dict[str, float]:
-        """GRPO: group-relative sequence advantages broadcast over tokens; PPO: GAE (whitened)."""
-        from pear_mega.rl import algorithms as A
-
-        policy = self.cfg.policy
-        last = self.ctx.is_last_stage
-        lengths = [len(seqs[i].response_ids) for i in exp.ids]
-        kl_in_reward = policy.kl_coef > 0 and policy.kl_mode == "reward" and self.ref is not None
-        kl = mask = None
-        if last and exp.ids and kl_in_reward:
-            logp_old, mask = padded(exp.ids, exp.logp_old, lengths)
-            logp_ref, _ = padded(exp.ids, exp.logp_ref, lengths)
-            kl = A.kl_penalty(logp_old, logp_ref, policy.kl_estimator) * mask
+        """The estimator's advantages (``pear_mega.rl.estimators``): GRPO group-relative per
+        sequence, PPO GAE (whitened); into ``exp``, on the last stage."""
         rewards = torch.tensor([s.reward for s in seqs], dtype=torch.float32)
-        metrics: dict[str, float] = {}
-        if not self.is_ppo:
-            if kl_in_reward:
-                # r_i − β·Σ_t KL_it needs every sequence's KL: each DP rank fills its own, then sum.
-                penalty = torch.zeros(len(seqs))
-                if last and exp.ids:
-                    penalty[exp.ids] = A.kl_penalized_rewards(torch.zeros(len(exp.ids)), kl, mask, policy.kl_coef)
-                penalty = self._share_from_last_stage(penalty, dp_sum=True)
-                metrics["rollout/kl_reward_penalty_mean"] = float(-penalty.mean())
-                rewards = rewards + penalty
-            adv, m = A.grpo_advantages(rewards, self.cfg.rollout.n, policy.normalize_std, policy.std_eps)
-            metrics.update({k: float(v) for k, v in m.items()})
-            for i, r in zip(exp.ids, lengths):
-                exp.advantages[i] = torch.full((r,), float(adv[i]))
-            return metrics
-        if not last:
-            return metrics
-        values, vmask = padded(exp.ids, exp.values, lengths)
-        token_rewards = A.token_level_rewards(rewards[exp.ids], vmask, kl, policy.kl_coef if kl_in_reward else 0.0)
-        adv, ret = A.gae(token_rewards, values, vmask, policy.gamma, policy.lam)
-        stats = torch.stack([(adv * vmask).sum(), (adv * adv * vmask).sum(), vmask.sum()]).double().to(self.ctx.device)
-        if self.ctx.dp_size > 1:
-            dist.all_reduce(stats, group=self.ctx.dp_group)
-        stats = stats.cpu()
-        n = stats[2].clamp(min=1)
-        mean = stats[0] / n
-        std = (stats[1] / n - mean * mean).clamp(min=0).sqrt()
-        metrics.update({"train/adv_mean": float(mean), "train/adv_std": float(std)})
-        if self.cfg.algorithm.whiten_advantages:
-            adv = ((adv - mean.float()) / (std.float() + 1e-8)) * vmask
-        for row, (i, r) in enumerate(zip(exp.ids, lengths)):
-            exp.advantages[i] = adv[row, :r].clone()
-            exp.returns[i] = ret[row, :r].clone()
-        return metrics
+        return self.estimator.advantages(self, seqs, exp, rewards)
 
     def _share_from_last_stage(self, t: torch.Tensor, dp_sum: bool = False) -> torch.Tensor:
         """Sum ``t`` over DP on the last stage, then broadcast it to every pipeline stage."""
@@ -475,7 +433,7 @@ class RLTrainer(TrainerCore):
             pack["advantages"] = scatter_to_pack(pack, exp.advantages)
             if self.ref is not None:
                 pack["logp_ref"] = scatter_to_pack(pack, exp.logp_ref)
-            if self.is_ppo:
+            if self.estimator.needs_critic:
                 pack["values_old"] = scatter_to_pack(pack, exp.values)
                 pack["returns"] = scatter_to_pack(pack, exp.returns)
 
@@ -502,7 +460,7 @@ class RLTrainer(TrainerCore):
                     continue
                 self._attach(packs, seqs, exp)
                 metrics = self._optimizer_step(self.policy, self.optimizer, self.scheduler, packs, self._policy_loss)
-                if self.is_ppo:
+                if self.estimator.needs_critic:
                     critic = self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler, packs,
                                                   self._value_loss)
                     metrics.update({_CRITIC_RENAME.get(k, k): v for k, v in critic.items() if k != "train/loss_tokens"})
@@ -558,7 +516,7 @@ class RLTrainer(TrainerCore):
         """logits [1, S, V/tp] → (Σ mask·ℓ, loss-token count, stats) — megatron's per-token contract."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        from pear_mega.rl.algorithms import policy_loss
+        from pear_mega.rl.algorithms import LossContext, loss_aggregation, policy_loss
 
         policy = self.cfg.policy
         temperature = self.cfg.rollout.temperature
@@ -580,13 +538,17 @@ class RLTrainer(TrainerCore):
         def get(key: str):
             return pack[key].to(device) if key in pack else None
 
+        # the aggregation's token weights and count (megatron divides by the global Σ count)
+        context = LossContext(cu_seqlens=pack["cu_seqlens"].to(device), max_response_len=self.cfg.rollout.max_tokens)
+        weights, count = loss_aggregation(policy, mask, context)
         loss, m = policy_loss(policy, logp, get("logp_old"), get("advantages"), mask, normalizer=1.0,
-                              logp_rollout=get("logp_rollout"), logp_ref=get("logp_ref"), entropy=entropy)
+                              logp_rollout=get("logp_rollout"), logp_ref=get("logp_ref"), entropy=entropy,
+                              token_weights=weights, context=context)
         n = mask.sum()
         sums = {k: (v if k in _SUM_KEYS else v * n) for k, v in m.items() if k not in _MAX_KEYS}
         sums["train/loss"] = loss.detach()
         maxes = {k: v for k, v in m.items() if k in _MAX_KEYS}
-        return loss, n.int(), {"sum": sums, "max": maxes, "n": n}
+        return loss, count.int(), {"sum": sums, "max": maxes, "n": n}
 
     def _value_loss(self, pack: dict, values: torch.Tensor):
         from pear_mega.rl.algorithms import value_loss
@@ -703,7 +665,7 @@ class RLTrainer(TrainerCore):
     def save(self) -> Path:
         """Critic first, then the policy (whose ``latest`` marks the step complete)."""
         meta = {"hf_path": self.cfg.model.hf_path, "config": to_dict(self.cfg)}
-        if self.is_ppo:
+        if self.estimator.needs_critic:
             save_checkpoint(Path(self.cfg.checkpoint.dir) / "critic", self.step, self.critic, self.critic_optimizer,
                             self.critic_scheduler, self.ctx, None, meta, hf_files_from=self.cfg.model.hf_path)
         return save_checkpoint(self.cfg.checkpoint.dir, self.step, self.policy, self.optimizer, self.scheduler,

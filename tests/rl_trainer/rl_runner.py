@@ -65,7 +65,7 @@ def main():
             "engine": [t.tolist() for t in engine_probes],
             "trainer": [t.tolist() for t in trainer_probes],
         }
-    if trainer.is_ppo and trainer.ctx.is_last_stage:
+    if trainer.estimator.needs_critic and trainer.ctx.is_last_stage:
         head = unwrap_model(trainer.critic[0]).output_layer
         result["value_head_abs_sum"] = float(head.weight.detach().abs().sum() + head.bias.detach().abs().sum())
     if args.corrupt_refit_check:
