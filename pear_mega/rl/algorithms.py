@@ -65,16 +65,21 @@ class PolicyLossConfig:
     overlong_penalty: float = 1.0
     """Scale of the soft overlong penalty (the paper's −1 at the limit times this)."""
     ratio: str = "token"
-    """How the importance ratio is formed, a name in ``SURROGATES``: 'token' (PPO's per-token ρ_t)."""
+    """How the importance ratio is formed, a name in ``SURROGATES``: 'token' (PPO's per-token ρ_t) or
+    'sequence' (GSPO's length-normalized sequence ratio, clipped per sequence; ``gspo_policy_loss``)."""
     loss_agg: str = "token_mean"
     """How token losses become the loss, a name in ``LOSS_AGGREGATIONS``: 'token_mean' (Σ_t ℓ_t / N over
-    the global batch's loss tokens, DAPO Eq. 12)."""
+    the global batch's loss tokens, DAPO Eq. 12), 'seq_mean_token_mean' (the original GRPO: the mean
+    over each response's tokens, then over responses) or 'seq_mean_token_sum_norm' (Dr.GRPO: Σ_t ℓ_t
+    / (number of responses × rollout.max_tokens))."""
 
     def __post_init__(self) -> None:
         if self.ratio not in SURROGATES:
             raise ValueError(f"ratio must be one of {tuple(SURROGATES)}, got {self.ratio!r}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_agg must be one of {tuple(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
+        if self.ratio == "sequence" and self.dual_clip is not None:
+            raise ValueError("dual_clip is not defined for ratio='sequence' (GSPO clips the sequence ratio only)")
         if not 0.0 <= self.clip_eps_low < 1.0:
             raise ValueError(f"clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
         if self.clip_eps_high < 0.0:
@@ -603,16 +608,98 @@ def _token_surrogate(config, logp, logp_old, advantages, loss_mask, normalizer, 
                            config.dual_clip, normalizer, is_weights)
 
 
+def _sequences(loss_mask: Tensor, context: LossContext | None) -> tuple[Tensor, Tensor]:
+    """``(segment id per token [T], loss tokens per segment [T + 1])``."""
+    if context is None or context.cu_seqlens is None:
+        raise ValueError("this policy loss needs the sequence boundaries (LossContext.cu_seqlens)")
+    seg = segment_ids(context.cu_seqlens.to(loss_mask.device), loss_mask.numel())
+    on = (loss_mask != 0).to(torch.float32)
+    return seg, torch.zeros(loss_mask.numel() + 1, device=loss_mask.device).index_add_(0, seg, on)
+
+
+def gspo_policy_loss(
+    logp: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    segments: Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    normalizer: Tensor | float | None = None,
+    is_weights: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """GSPO's clipped surrogate with sequence-level importance ratios (arXiv 2507.18071, Eqs. 5-7),
+    in its token form (the same gradient for per-sequence advantages):
+
+        log s_i = (1/|y_i|) Σ_{t∈y_i} (logp_t − logp_old_t)          length-normalized, over y_i's loss tokens
+        s_t     = exp(log s_i + logp_t − sg[logp_t])                   value s_i on every token of y_i,
+                                                                      ∂s_t/∂logp_t = s_i
+        ℓ_t     = −min(s_t·A_t, clip(s_t, 1−ε_low, 1+ε_high)·A_t)      clipped per sequence
+        loss    = Σ_t mask_t·w_t·ℓ_t / N                               (TIS w_t as in ``ppo_policy_loss``)
+
+    With ``loss_agg='seq_mean_token_mean'`` this is the paper's (1/G) Σ_i min(s_i·A_i, clip(s_i)·A_i).
+    ``segments`` ``[T]``: the sequence index of each token (``segment_ids``); the length |y_i|
+    counts the tokens where ``loss_mask != 0``.
+    """
+    _check_same_shape(logp=logp, logp_old=logp_old, advantages=advantages, loss_mask=loss_mask, w=is_weights)
+    mask = loss_mask.to(logp.dtype)
+    on = (loss_mask != 0).to(logp.dtype)
+    adv = advantages.to(logp.dtype)
+    log_ratio = (logp - logp_old).detach()
+    size = logp.numel() + 1
+    seq_sum = torch.zeros(size, dtype=logp.dtype, device=logp.device).index_add_(0, segments, log_ratio * on)
+    seq_len = torch.zeros(size, dtype=logp.dtype, device=logp.device).index_add_(0, segments, on)
+    log_s = (seq_sum / seq_len.clamp(min=1.0))[segments]
+    ratio = torch.exp(log_s + logp - logp.detach())
+    surr_unclipped = -adv * ratio
+    surr_clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    per_token = torch.maximum(surr_unclipped, surr_clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
+    loss = (per_token * mask).sum() / _normalizer(mask, normalizer)
+    with torch.no_grad():
+        metrics = {
+            "train/pg_clip_frac": masked_mean((surr_clipped > surr_unclipped).to(mask.dtype), mask),
+            "train/pg_dual_clip_frac": torch.zeros((), dtype=mask.dtype, device=mask.device),
+            "train/ppo_kl": masked_mean(-log_ratio, mask),
+            "train/ratio_mean": masked_mean(ratio.detach(), mask),
+            "train/ratio_max": _masked_max_nonneg(ratio.detach(), mask),
+        }
+    return loss, metrics
+
+
+def _sequence_surrogate(config, logp, logp_old, advantages, loss_mask, normalizer, is_weights, context):
+    segments, _ = _sequences(loss_mask, context)
+    return gspo_policy_loss(logp, logp_old, advantages, loss_mask, segments, config.clip_eps_low,
+                            config.clip_eps_high, normalizer, is_weights)
+
+
 def _token_mean(loss_mask: Tensor, context: LossContext | None) -> tuple[Tensor | None, Tensor]:
     return None, loss_mask.sum()
 
 
-SURROGATES: dict[str, Callable] = {"token": _token_surrogate}
+def _seq_mean_token_mean(loss_mask: Tensor, context: LossContext | None) -> tuple[Tensor | None, Tensor]:
+    """w_t = 1/|y_i| (the loss tokens of t's response), count = responses with a loss token."""
+    seg, per_seq = _sequences(loss_mask, context)
+    return (1.0 / per_seq.clamp(min=1.0))[seg].to(loss_mask.dtype), (per_seq > 0).sum()
+
+
+def _seq_mean_token_sum_norm(loss_mask: Tensor, context: LossContext | None) -> tuple[Tensor | None, Tensor]:
+    """w_t = 1, count = responses with a loss token × the generation budget (Dr.GRPO, arXiv 2503.20783)."""
+    if context is None or not context.max_response_len:
+        raise ValueError("loss_agg='seq_mean_token_sum_norm' needs the generation budget (LossContext.max_response_len)")
+    _, per_seq = _sequences(loss_mask, context)
+    return None, (per_seq > 0).sum() * int(context.max_response_len)
+
+
+SURROGATES: dict[str, Callable] = {"token": _token_surrogate, "sequence": _sequence_surrogate}
 """ratio name → ``f(config, logp, logp_old, advantages, loss_mask, normalizer, is_weights, context)
 -> (Σ_t mask_t·ℓ_t / normalizer, metrics)``."""
 
 LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, LossContext | None], tuple[Tensor | None, Tensor]]] = {
     "token_mean": _token_mean,
+    "seq_mean_token_mean": _seq_mean_token_mean,
+    "seq_mean_token_sum_norm": _seq_mean_token_sum_norm,
 }
 """loss_agg name → ``f(loss_mask, context) -> (token_weights or None, count)``: the microbatch returns
 Σ_t mask_t·w_t·ℓ_t with its ``count``, and megatron divides the gradients by the global Σ count."""

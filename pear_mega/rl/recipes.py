@@ -80,6 +80,42 @@ def smollm2_grpo() -> RLConfig:
     )
 
 
+def _grpo_variant(name: str, **grpo) -> RLConfig:
+    """``smollm2_grpo`` with other GRPO loss settings, its own output paths."""
+    base = smollm2_grpo()
+    return replace(
+        base, name=name, algorithm=replace(base.algorithm, grpo=replace(base.algorithm.grpo, **grpo)),
+        checkpoint=CheckpointConfig(dir=f"outputs/ckpt/{name}", export_hf=f"outputs/models/{name}"),
+        logging=LoggingConfig(tensorboard_dir=f"outputs/tb/{name}"),
+    )
+
+
+@RECIPES.register
+def smollm2_gspo() -> RLConfig:
+    """``smollm2_grpo`` with GSPO's sequence-level importance ratios (arXiv 2507.18071): the
+    length-normalized sequence log-ratio, clipped per sequence at the paper's ε = 3e-4 / 4e-4, the
+    mean over each response's tokens then over responses. Override on any GRPO recipe with
+    ``algorithm.grpo.ratio=sequence algorithm.grpo.loss_agg=seq_mean_token_mean``."""
+    return _grpo_variant("smollm2_gspo", ratio="sequence", loss_agg="seq_mean_token_mean", clip_eps_low=3e-4,
+                         clip_eps_high=4e-4)
+
+
+@RECIPES.register
+def smollm2_grpo_seq_mean() -> RLConfig:
+    """``smollm2_grpo`` with the original GRPO loss aggregation (DeepSeekMath, arXiv 2402.03300,
+    Eq. 3): the mean over each response's tokens, then over responses
+    (``algorithm.grpo.loss_agg=seq_mean_token_mean``)."""
+    return _grpo_variant("smollm2_grpo_seq_mean", loss_agg="seq_mean_token_mean")
+
+
+@RECIPES.register
+def smollm2_dr_grpo() -> RLConfig:
+    """``smollm2_grpo`` as Dr.GRPO (arXiv 2503.20783): mean-centered advantages without the std
+    division and the constant normalizer number of responses × ``rollout.max_tokens``
+    (``algorithm.grpo.normalize_std=false algorithm.grpo.loss_agg=seq_mean_token_sum_norm``)."""
+    return _grpo_variant("smollm2_dr_grpo", normalize_std=False, loss_agg="seq_mean_token_sum_norm")
+
+
 @RECIPES.register
 def smollm2_ppo() -> RLConfig:
     """CPU: the same task with PPO — a critic (SmolLM2 trunk + scalar head), GAE, KL as a token
