@@ -23,12 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Format demonstrations for math prompts (answer-only turns, like the reasoning-gym prompts).
-MATH_DEMOS = (
-    ("What is the sum of the first five positive odd integers?", "25"),
-    ("Find the remainder when 100 is divided by 7.", "2"),
-)
-
+from pear_mega.data.prompts import MATH_DEMOS, gold_answer, iter_jsonl_objects
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for one prompt: n samples, c correct (see module docstring)."""
@@ -49,7 +44,7 @@ def mean_pass_at_k(correct_counts: Sequence[int], n: int, k: int) -> float:
 @dataclass
 class EvalSuite:
     """Prompts (chat messages) and, per prompt, the reward sample description
-    (``pear_mega.rl.rewards.compute_rewards`` schema)."""
+    (``pear_mega.rewards.compute_rewards`` schema)."""
 
     name: str
     prompts: list[list[dict]]
@@ -68,32 +63,9 @@ def reasoning_gym_suite(task: str, size: int, seed: int, num_shots: int = 2, con
     return EvalSuite(task, [r["messages"] for r in rows], [r["meta"] for r in rows])
 
 
-def iter_jsonl_objects(path: str | Path):
-    """Yield ``(row_index, object)`` for each non-blank line of a jsonl file; errors name file and row."""
-    with open(path) as fh:
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: row {i}: expected a JSON object")  # noqa: TRY004 (bad data, not a bad call)
-            yield i, row
-
-
-def gold_answer(row: Mapping, path: str | Path, i: int) -> str:
-    """The row's ``answer`` field as a string (a non-empty string or an integer, else an error)."""
-    answer = row.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int)) or not str(answer).strip():
-        raise ValueError(f"{path}: row {i}: field 'answer' must be a non-empty string or an integer")
-    return str(answer)
-
-
 def load_math_file(path: str | Path) -> list[dict]:
     """Rows ``{"problem", "answer"}`` of an AIME-format jsonl file; errors name file, row and field."""
-    from pear_mega.rl.rewards import _math_parse
+    from pear_mega.rewards import math_parse
 
     rows = []
     for i, row in iter_jsonl_objects(path):
@@ -101,7 +73,7 @@ def load_math_file(path: str | Path) -> list[dict]:
         if not isinstance(problem, str) or not problem.strip():
             raise ValueError(f"{path}: row {i}: field 'problem' must be a non-empty string")
         answer = gold_answer(row, path, i)
-        if not _math_parse(answer):
+        if not math_parse(answer):
             raise ValueError(f"{path}: row {i}: field 'answer' {row['answer']!r} is not a parseable math answer")
         rows.append({"problem": problem, "answer": answer})
     if not rows:
@@ -145,7 +117,7 @@ def evaluate_suites(
     num_examples: int = 3,
 ) -> list[SuiteResult]:
     """Sample ``n`` responses per prompt with ``engine`` (a ``RolloutEngine``) and compute pass@k."""
-    from pear_mega.rl.rewards import ReasoningGymScorer, compute_rewards
+    from pear_mega.rewards import ReasoningGymScorer, compute_rewards
 
     if any(k < 1 or k > n for k in ks):
         raise ValueError(f"every k must be in [1, n={n}], got {list(ks)}")

@@ -8,13 +8,19 @@ is: [system?] then, per demonstration, ``user: question`` / ``assistant: Answer:
 never repeat the question.
 
 The reasoning-gym entry is kept in the row's ``meta`` (task, index, seed, dataset config, gold
-answer, metadata as JSON) so rewards can be computed later (``pear_mega.rl.rewards`` reads this
+answer, metadata as JSON) so rewards can be computed later (``pear_mega.rewards`` reads this
 ``meta`` directly).
+
+Also the readers of local prompt and math files shared by RL and evaluation: ``iter_jsonl_objects``
+(errors name file and row), ``gold_answer`` (the ``answer`` field) and the math format
+demonstrations ``MATH_DEMOS``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 ANSWER_PREFIX = "Answer:"
@@ -71,3 +77,33 @@ def reasoning_gym_prompts(task: str, size: int, seed: int, *, num_shots: int = 2
             },
         })
     return items
+
+
+# Format demonstrations for math prompts (answer-only turns, like the reasoning-gym prompts).
+MATH_DEMOS = (
+    ("What is the sum of the first five positive odd integers?", "25"),
+    ("Find the remainder when 100 is divided by 7.", "2"),
+)
+
+
+def iter_jsonl_objects(path: str | Path):
+    """Yield ``(row_index, object)`` for each non-blank line of a jsonl file; errors name file and row."""
+    with open(path) as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: row {i}: expected a JSON object")  # noqa: TRY004 (bad data, not a bad call)
+            yield i, row
+
+
+def gold_answer(row: Mapping, path: str | Path, i: int) -> str:
+    """The row's ``answer`` field as a string (a non-empty string or an integer, else an error)."""
+    answer = row.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)) or not str(answer).strip():
+        raise ValueError(f"{path}: row {i}: field 'answer' must be a non-empty string or an integer")
+    return str(answer)

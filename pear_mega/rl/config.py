@@ -80,7 +80,7 @@ class TaskConfig:
             raise ValueError(f"task.synthetic_prompt_tokens must be >= 1, got {self.synthetic_prompt_tokens}")
         self.task_settings()
         if self.source == "reasoning_gym":
-            from pear_mega.rl.rewards import check_task_names
+            from pear_mega.rewards import check_task_names
 
             check_task_names(self.tasks, "task.tasks", known_only=False)
 
@@ -355,7 +355,7 @@ class RLConfig:
         before anything is built): warmup within the run, sequence lengths within the model's
         context (config.json), reasoning-gym task names known to reasoning-gym, math gold answers
         of a prompts file parseable. Raises ValueError naming the key."""
-        from pear_mega.rl.rewards import check_prompt_answers, check_task_names
+        from pear_mega.rewards import check_prompt_answers, check_task_names
         from pear_mega.sft.config import check_context_length
 
         updates = "train.steps x algorithm.ppo_epochs x algorithm.minibatches"

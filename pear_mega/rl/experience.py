@@ -67,7 +67,7 @@ class PromptSource:
     """The task's prompts in a seeded per-epoch order, consumed through a cursor.
 
     A row is ``{"prompt": chat messages | token ids, "target": reward sample, "answer": str}``;
-    ``target`` follows ``pear_mega.rl.rewards.compute_rewards`` (or ``{"source": "synthetic"}``).
+    ``target`` follows ``pear_mega.rewards.compute_rewards`` (or ``{"source": "synthetic"}``).
     Epoch ``e`` visits the rows in ``permutation(seed, e)``; ``cursor`` counts prompts consumed.
     """
 
@@ -145,7 +145,7 @@ class PromptSource:
             rewards = torch.tensor([sum(t < half for t in ids) / max(len(ids), 1) for ids in token_ids],
                                    dtype=torch.float32)
             return rewards, {"reward/mean": float(rewards.mean())}
-        from pear_mega.rl.rewards import ReasoningGymScorer, compute_rewards
+        from pear_mega.rewards import ReasoningGymScorer, compute_rewards
 
         if self._scorer is None:
             self._scorer = ReasoningGymScorer()
@@ -156,12 +156,11 @@ class PromptSource:
 def load_prompt_file(path: str, num_shots: int = 2) -> list[dict]:
     """Rows of a prompts jsonl: ``{"prompt": str | "messages": [...], "answer": str | int[, "meta": {...}]}``.
 
-    A plain ``prompt`` gets the math few-shot demonstrations of ``pear_mega.evaluation`` (the
+    A plain ``prompt`` gets the math few-shot demonstrations of ``pear_mega.data.prompts`` (the
     ``Answer:`` format); the reward is math-verify against ``answer`` unless ``meta`` is a
     reasoning-gym sample description. Errors name the file, row and field.
     """
-    from pear_mega.data.prompts import few_shot_messages
-    from pear_mega.evaluation import MATH_DEMOS, gold_answer, iter_jsonl_objects
+    from pear_mega.data.prompts import MATH_DEMOS, few_shot_messages, gold_answer, iter_jsonl_objects
 
     p = Path(path)
     if not p.is_file():

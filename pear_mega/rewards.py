@@ -187,7 +187,8 @@ class ReasoningGymScorer:
 # --------------------------------------------------------------------------------------------
 
 
-def _math_parse(text: str):
+def math_parse(text: str):
+    """math-verify's parse of ``text`` (as ``$text$`` first, then as it is); empty when unparseable."""
     from math_verify import parse
 
     timeout = MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
@@ -199,10 +200,10 @@ def _math_equal_here(gold: str, answer: str) -> bool:
     from math_verify import verify
 
     timeout = MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    gold_parsed = _math_parse(gold)
+    gold_parsed = math_parse(gold)
     if not gold_parsed:
         raise ValueError(f"math gold answer {gold!r} cannot be parsed")
-    answer_parsed = _math_parse(answer)
+    answer_parsed = math_parse(answer)
     return bool(answer_parsed) and bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
 
 
@@ -234,7 +235,7 @@ class _MathProcess:
         import sys
 
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from pear_mega.rl.rewards import math_server; math_server()"],
+            [sys.executable, "-c", "from pear_mega.rewards import math_server; math_server()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.warm = False
 
@@ -276,7 +277,7 @@ def math_equal(gold: str, answer: str) -> bool:
 
 def check_math_gold(gold: str, where: str) -> None:
     """Raise ValueError naming ``where`` when math-verify cannot parse the gold answer."""
-    if not _math_parse(str(gold)):
+    if not math_parse(str(gold)):
         raise ValueError(f"{where}: math gold answer {gold!r} cannot be parsed by math-verify")
 
 
@@ -300,7 +301,7 @@ def check_prompt_answers(path: str, key: str) -> None:
     ``meta`` is a reasoning-gym sample are scored by reasoning-gym and skipped)."""
     from pathlib import Path
 
-    from pear_mega.evaluation import gold_answer, iter_jsonl_objects
+    from pear_mega.data.prompts import gold_answer, iter_jsonl_objects
 
     if not Path(path).is_file():
         raise ValueError(f"{key}: {path}: no such file")

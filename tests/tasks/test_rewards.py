@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from pear_mega.rl import rewards as R
+from pear_mega import rewards as R
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from pear_mega.rl.config import TaskConfig
-from pear_mega.rl.rewards import check_prompt_answers, check_task_names, compute_rewards
+from pear_mega.rewards import check_prompt_answers, check_task_names, compute_rewards
 
 
 def test_unsafe_reasoning_gym_task_is_refused_at_config_time():
