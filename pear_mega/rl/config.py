@@ -20,7 +20,6 @@ from pear_mega.parallel import ParallelConfig
 from pear_mega.rl.algorithms import GRPOConfig, PolicyLossConfig, PPOConfig
 from pear_mega.sft.config import CheckpointConfig, ModelConfig
 
-TASK_SOURCES = ("reasoning_gym", "jsonl", "synthetic")
 SYNTHETIC_REWARDS = ("low_ids",)
 
 __all__ = [
@@ -62,8 +61,9 @@ class TaskConfig:
     """source='synthetic': random prompt length in tokens."""
 
     def __post_init__(self):
-        if self.source not in TASK_SOURCES:
-            raise ValueError(f"task.source must be one of {TASK_SOURCES}, got {self.source!r}")
+        from pear_mega.tasks import task_source
+
+        task_source(self.source)  # ValueError naming task.source when it is not registered
         if self.source == "reasoning_gym" and not self.tasks:
             raise ValueError("task.tasks: give at least one reasoning-gym task name")
         if self.source == "jsonl" and not self.prompts_file:

@@ -29,13 +29,13 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from pear_mega.pear import IGNORE_INDEX
 from pear_mega.rl.config import RLConfig, TaskConfig
+from pear_mega.tasks import load_prompt_file, task_source  # noqa: F401 (load_prompt_file: re-exported)
 
 
 @dataclass
@@ -64,7 +64,8 @@ class RolloutSequence:
 
 
 class PromptSource:
-    """The task's prompts in a seeded per-epoch order, consumed through a cursor.
+    """The task's prompts (``pear_mega.tasks``, by ``task.source``) in a seeded per-epoch order,
+    consumed through a cursor.
 
     A row is ``{"prompt": chat messages | token ids, "target": reward sample, "answer": str}``;
     ``target`` follows ``pear_mega.rewards.compute_rewards`` (or ``{"source": "synthetic"}``).
@@ -77,24 +78,10 @@ class PromptSource:
         self.tokenizer = tokenizer
         self.rows = self._load_rows(task)
         self.cursor = 0
-        self._scorer = None
+        self._scorer_state: dict = {}  # the task source's scorer, built on first use
 
     def _load_rows(self, task: TaskConfig) -> list[dict]:
-        if task.source == "reasoning_gym":
-            from pear_mega.data.prompts import reasoning_gym_prompts
-
-            rows = []
-            for name in task.tasks:
-                for item in reasoning_gym_prompts(name, task.size, task.seed, num_shots=task.num_shots,
-                                                  **task.task_settings()):
-                    rows.append({"prompt": item["messages"], "target": item["meta"], "answer": item["meta"]["answer"]})
-            return rows
-        if task.source == "jsonl":
-            return load_prompt_file(task.prompts_file, task.num_shots)
-        rng = random.Random(task.seed)
-        low = min(256, self.vocab_size // 4)  # skip the special / byte tokens at the start of the vocab
-        return [{"prompt": [rng.randrange(low, self.vocab_size) for _ in range(task.synthetic_prompt_tokens)],
-                 "target": {"source": "synthetic"}, "answer": ""} for _ in range(task.size)]
+        return task_source(task.source).prompts(task, self.vocab_size)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -126,65 +113,18 @@ class PromptSource:
         from pear_mega.collect import end_of_turn_id
 
         eot = end_of_turn_id(self.tokenizer)
+        source = task_source(self.task.source)
         prompts, responses = [], []
         rng = random.Random(self.task.seed + 1)
         for row in self.rows[:k]:
             prompts.append(encode(row["prompt"]))
-            if self.task.source == "synthetic":
-                responses.append([rng.randrange(256, self.vocab_size) for _ in range(6)])
-            else:
-                ids = list(self.tokenizer.encode(f"Answer: {row['answer']}", add_special_tokens=False))
-                responses.append(ids + ([eot] if eot is not None else []))
+            responses.append(source.probe_response(row, self.tokenizer, eot, rng, self.vocab_size))
         return prompts, responses
 
     def score(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]], rows: Sequence[dict]
               ) -> tuple[torch.Tensor, dict[str, float]]:
         """Verifier rewards ``[N]`` and their metrics for responses to ``rows`` (one row per response)."""
-        if self.task.source == "synthetic":
-            half = self.vocab_size // 2
-            rewards = torch.tensor([sum(t < half for t in ids) / max(len(ids), 1) for ids in token_ids],
-                                   dtype=torch.float32)
-            return rewards, {"reward/mean": float(rewards.mean())}
-        from pear_mega.rewards import ReasoningGymScorer, compute_rewards
-
-        if self._scorer is None:
-            self._scorer = ReasoningGymScorer()
-        rewards, metrics, _ = compute_rewards(list(texts), [r["target"] for r in rows], self._scorer)
-        return rewards, {k: float(v) for k, v in metrics.items()}
-
-
-def load_prompt_file(path: str, num_shots: int = 2) -> list[dict]:
-    """Rows of a prompts jsonl: ``{"prompt": str | "messages": [...], "answer": str | int[, "meta": {...}]}``.
-
-    A plain ``prompt`` gets the math few-shot demonstrations of ``pear_mega.data.prompts`` (the
-    ``Answer:`` format); the reward is math-verify against ``answer`` unless ``meta`` is a
-    reasoning-gym sample description. Errors name the file, row and field.
-    """
-    from pear_mega.data.prompts import MATH_DEMOS, few_shot_messages, gold_answer, iter_jsonl_objects
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"task.prompts_file {path}: no such file")
-    rows = []
-    for i, row in iter_jsonl_objects(path):
-        answer = gold_answer(row, path, i)
-        if "messages" in row:
-            messages = row["messages"]
-            if (not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)
-                    or messages[-1].get("role") != "user"):
-                raise ValueError(f"{path}: row {i}: field 'messages' must be a list of chat messages ending "
-                                 "with a user turn")
-        elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            messages = few_shot_messages(row["prompt"], list(MATH_DEMOS[:num_shots]))
-        else:
-            raise ValueError(f"{path}: row {i}: field 'prompt' (a non-empty string) or 'messages' is required")
-        meta = row.get("meta")
-        target = dict(meta) if isinstance(meta, dict) and meta.get("source") == "reasoning_gym" else \
-            {"source": "math", "answer": answer}
-        rows.append({"prompt": messages, "target": target, "answer": answer})
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+        return task_source(self.task.source).score(texts, token_ids, rows, self.vocab_size, self._scorer_state)
 
 
 # ---------------------------------------------------------------------------------------- rollout
