@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 from pear_mega.data.tokenize import TOKEN_CHECKS
 
+TOKEN_CHECK_DEFAULT = "decode"
+"""The one default of ``data.token_check`` (this config and the SFT trainer's ``data``): stored
+assistant token ids must decode to the content at its place in the chat template, so the
+non-canonical tokenizations a sampler produces ("Ans" + "wer") load; "retokenize" also demands the
+tokenizer's canonical tokenization of the rendered text."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -26,11 +32,10 @@ class DataConfig:
     counting them by reason, instead of raising on the first one."""
     truncate: bool = False
     """Cut rows longer than seq_length (the loss mask ends there) instead of raising."""
-    token_check: str = "decode"
-    """"decode" (default, as the SFT trainer's ``data.token_check``): stored assistant token ids
-    must decode to the content at its place in the chat template (accepts the non-canonical
-    tokenizations a sampler produces); "retokenize": they must also equal the re-tokenized
-    rendered text."""
+    token_check: str = TOKEN_CHECK_DEFAULT
+    """"decode" (``TOKEN_CHECK_DEFAULT``): stored assistant token ids must decode to the content at
+    its place in the chat template (accepts the non-canonical tokenizations a sampler produces);
+    "retokenize": they must also equal the re-tokenized rendered text."""
     pad_id: int | None = None
     """Token of the pad tail; None = the tokenizer's pad token (else its EOS)."""
     cache_dir: str | None = None

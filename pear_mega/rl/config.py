@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pear_mega.optim import OptimConfig
 from pear_mega.parallel import ParallelConfig
 from pear_mega.rl.algorithms import GRPOConfig, PolicyLossConfig, PPOConfig
-from pear_mega.sft.config import CheckpointConfig, ModelConfig
+from pear_mega.run_config import CheckpointConfig, ModelConfig, check_context_length
 
 SYNTHETIC_REWARDS = ("low_ids",)
 
@@ -356,7 +356,6 @@ class RLConfig:
         context (config.json), reasoning-gym task names known to reasoning-gym, math gold answers
         of a prompts file parseable. Raises ValueError naming the key."""
         from pear_mega.rewards import check_prompt_answers, check_task_names
-        from pear_mega.sft.config import check_context_length
 
         updates = "train.steps x algorithm.ppo_epochs x algorithm.minibatches"
         self.optim.check_steps(self.train.steps * self.algorithm.updates_per_step, updates)

@@ -9,33 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pear_mega.data.config import TOKEN_CHECK_DEFAULT
 from pear_mega.kd import KDConfig
 from pear_mega.optim import OptimConfig
 from pear_mega.parallel import ParallelConfig
 from pear_mega.pear import PearConfig
+from pear_mega.run_config import DTYPES, CheckpointConfig, ModelConfig, check_context_length
 
-DTYPES = ("float32", "bfloat16")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which model to train and how it is materialized."""
-
-    hf_path: str = ""
-    """HF checkpoint directory (config.json, safetensors, tokenizer) to start from."""
-    load_weights: bool = True
-    """Load the HF weights (False: random init from the config; for tests and benchmarks)."""
-    dtype: str = "float32"
-    """Parameter dtype: float32 (CPU) or bfloat16 (GPU, with fp32 main params in the optimizer)."""
-    use_te: bool | None = None
-    """TransformerEngine layer spec: None = when transformer_engine imports and CUDA is present."""
-    recompute_activations: bool = False
-    """Full activation recompute per layer: roughly halves activation memory for ~20-30% time."""
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
-
+__all__ = ["DTYPES", "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig", "ModelConfig", "SFTConfig",
+           "TrainConfig", "check_context_length"]
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -51,7 +33,7 @@ class DataConfig:
     """Truncate rows longer than seq_length (the loss mask ends there) instead of failing."""
     seed: int = 1234
     """Shuffle seed of the pack order."""
-    token_check: str = "decode"  # the same default as pear_mega.data.DataConfig
+    token_check: str = TOKEN_CHECK_DEFAULT
     """How stored behavior tokens are checked against the text: "decode" (they must decode exactly
     to the assistant content, at the right place in the chat template) or "retokenize" (they must
     also equal the tokenizer's canonical tokenization; rejects samples like "Ans"+"wer" that a
@@ -105,26 +87,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
-    dir: str = ""
-    """Where checkpoints go ("" = no checkpoints)."""
-    save_interval: int = 0
-    """Save every N steps (0 = only at the end)."""
-    resume: bool = True
-    """Continue from ``dir/latest`` when it exists."""
-    export_hf: str = ""
-    """Export the final model as an HF directory here ("" = no export)."""
-    keep_schedule: bool = False
-    """On resume, keep the learning-rate schedule stored in the checkpoint (its lr, min_lr, warmup,
-    decay style and length) instead of this config's. Default: the config wins, and every setting
-    that differs from the checkpoint's is printed (old -> new)."""
-
-    def __post_init__(self):
-        if self.save_interval < 0:
-            raise ValueError(f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
-
-
-@dataclass(frozen=True)
 class LoggingConfig:
     tensorboard_dir: str = ""
     """TensorBoard event directory ("" = no tensorboard)."""
@@ -175,19 +137,3 @@ class SFTConfig:
         from pear_mega.sft.losses import build_loss
 
         build_loss(self, vocab_size=0).check_data(self.data.train_files)  # e.g. loss.kind=kd without top-K
-
-
-def check_context_length(hf_path: str, length: int, key: str) -> None:
-    """``length`` tokens must fit the model's ``max_position_embeddings`` (RoPE tables end there)."""
-    import json
-    from pathlib import Path
-
-    config = Path(hf_path) / "config.json"
-    if not config.is_file():
-        raise ValueError(f"model.hf_path: {config} does not exist (an HF checkpoint directory is expected)")
-    try:
-        limit = json.loads(config.read_text()).get("max_position_embeddings")
-    except ValueError as exc:
-        raise ValueError(f"model.hf_path: {config} is not valid JSON ({exc})") from None
-    if isinstance(limit, int) and length > limit:
-        raise ValueError(f"{key}={length} exceeds the model's max_position_embeddings={limit} ({config})")
