@@ -3,7 +3,7 @@
 GPU (CUDA present), sizes T×V in {4096, 16384} × {32768, 151936}, bf16 by default:
     python benchmarks/bench_pear_loss.py --csv runs/bench_pear_loss_gpu.csv
 compares the fused Triton kernel (fresh-gradient and in-place backward) with the vectorized eager
-reference ``pear_mega.pear.pear_loss_eager``, ``torch.compile`` of it, and plain
+reference ``pear_mega.kernels.pear_torch.pear_loss_eager``, ``torch.compile`` of it, and plain
 ``F.cross_entropy``; it also reports the HBM floor — the logits read twice and the gradient
 written once, bytes / ``--hbm-gbps`` (3350 GB/s = H100 SXM) — and the fused kernel's ratio to it.
 
@@ -121,7 +121,7 @@ def _measure(step, device: str, warmup: int, iters: int) -> tuple[float, float]:
 def _methods(args, device: str):
     from pear_mega.kernels import fused_pear_loss
 
-    from pear_mega.pear import pear_loss_eager
+    from pear_mega.kernels.pear_torch import pear_loss_eager
 
     def fused(inplace: bool):
         backend = "triton" if device == "cuda" else "torch"
@@ -156,7 +156,8 @@ def _fwd_bwd_step(fn, x, labels, beta, cu, cfg):
 
 
 def bench_size(T: int, V: int, args, device: str, device_name: str) -> list[Row]:
-    from pear_mega.pear import PearConfig, pear_loss_eager
+    from pear_mega.kernels.pear_torch import pear_loss_eager
+    from pear_mega.pear import PearConfig
 
     dtype = getattr(torch, args.dtype)
     cfg = PearConfig(level=args.level)

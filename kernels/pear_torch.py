@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from pear_mega.pear import IGNORE_INDEX, PearConfig
+from pear_mega.pear import IGNORE_INDEX, PearConfig, tempered_logprobs
 
 # 4 MiB of fp32 per temporary buffer. Small enough that a chunk's passes (max, sub, exp, sums;
 # sub, exp, scale in backward) hit the cache instead of memory, and below glibc's largest mmap
@@ -151,3 +151,37 @@ def log_weights_torch(
     inv_count = torch.where(mask, 1.0 / n.clamp_min(1.0), 0.0).float()
     counts = cm[cu[1:]] - cm[cu[:-1]]
     return log_w, inv_count, (counts > 0).sum()
+
+
+def pear_loss_eager(
+    logits: Tensor,
+    labels: Tensor,
+    behavior_logprobs: Tensor,
+    cu_seqlens: Tensor,
+    config: PearConfig,
+    normalizer: float | Tensor | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Vectorized eager PEAR loss (full-vocab ``log_softmax``, no host sync), for benchmarking and
+    ``torch.compile``. Same semantics as ``pear_mega.pear.reference_pear_loss``; returns only the loss."""
+    V = logits.shape[1] if vocab_size is None else vocab_size
+    logsm = torch.log_softmax(logits[:, :V].float(), dim=-1)
+    mask = labels != IGNORE_INDEX
+    safe_labels = torch.where(mask, labels, 0)
+    logp = torch.where(mask, logsm.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
+    logp_w = tempered_logprobs(logits[:, :V], safe_labels, mask, config.target_temperature, logp)
+    log_w, inv_count, nonempty = log_weights_torch(logp_w.detach(), behavior_logprobs, mask, cu_seqlens, config)
+    coef = torch.where(mask, log_w.exp(), 0.0)
+    if config.normalization == "sequences":
+        coef = coef * inv_count
+    if normalizer is not None:
+        denom = torch.as_tensor(normalizer, dtype=torch.float32, device=logits.device)
+    elif config.normalization == "tokens":
+        denom = mask.sum().float().clamp_min(1.0)
+    elif config.normalization == "sequences":
+        denom = nonempty.float().clamp_min(1.0)
+    else:
+        s = coef.sum()
+        denom = torch.where(s > 0, s, 1.0)
+    return (coef * -logp).sum() / denom
+

@@ -89,12 +89,18 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.n
     return ddp
 
 
+def default_distributed_optimizer(setting: bool | None) -> bool:
+    """``optim.use_distributed_optimizer``; None = on a GPU (``use_gpu()``), off on CPU. The one
+    default: the DDP wrap (``pear_mega.trainer_core``) and the optimizer read it here."""
+    return setting if setting is not None else use_gpu()
+
+
 def build_optimizer(model_chunks: list[torch.nn.Module], cfg: OptimConfig, total_steps: int, dtype: torch.dtype):
     """Return ``(optimizer, scheduler)`` for DDP-wrapped model chunks."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    use_dist = cfg.use_distributed_optimizer if cfg.use_distributed_optimizer is not None else torch.cuda.is_available()
+    use_dist = default_distributed_optimizer(cfg.use_distributed_optimizer)
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,

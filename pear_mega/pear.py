@@ -196,7 +196,7 @@ def reference_loss_coefficients(
     return coef, denom
 
 
-def _tempered_logprobs(x: Tensor, safe_labels: Tensor, mask: Tensor, temperature: float, logp: Tensor) -> Tensor:
+def tempered_logprobs(x: Tensor, safe_labels: Tensor, mask: Tensor, temperature: float, logp: Tensor) -> Tensor:
     """log softmax(x/τ)[label] ``[T]`` (0 where masked); ``logp`` itself when τ = 1."""
     if temperature == 1.0:
         return logp
@@ -225,7 +225,7 @@ def reference_pear_loss(
     mask = labels != IGNORE_INDEX
     safe_labels = torch.where(mask, labels, 0)
     logp = torch.where(mask, logsm.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
-    logp_w = _tempered_logprobs(x, safe_labels, mask, config.target_temperature, logp)
+    logp_w = tempered_logprobs(x, safe_labels, mask, config.target_temperature, logp)
     log_w = reference_log_weights(logp_w, behavior_logprobs.float(), mask, cu_seqlens, config).to(x.device)
     coef, denom = reference_loss_coefficients(log_w, mask, cu_seqlens, config, normalizer)
     loss = (coef.float().to(x.device) * -logp).sum() / denom.float().to(x.device)
@@ -314,39 +314,3 @@ def weight_stats(
         delta = logp_theta.detach().float() - logp_beta.detach().float()
         stats["pear/delta_clip_frac"] = (((delta < lo) | (delta > hi)) & mask).sum() / n_safe
     return {k: v.detach().float() for k, v in stats.items()}
-
-
-def pear_loss_eager(
-    logits: Tensor,
-    labels: Tensor,
-    behavior_logprobs: Tensor,
-    cu_seqlens: Tensor,
-    config: PearConfig,
-    normalizer: float | Tensor | None = None,
-    vocab_size: int | None = None,
-) -> Tensor:
-    """Vectorized eager PEAR loss (full-vocab ``log_softmax``, no host sync), for benchmarking and
-    ``torch.compile``. Same semantics as :func:`reference_pear_loss`; returns only the loss."""
-    from pear_mega.kernels.pear_torch import log_weights_torch
-
-    V = logits.shape[1] if vocab_size is None else vocab_size
-    logsm = torch.log_softmax(logits[:, :V].float(), dim=-1)
-    mask = labels != IGNORE_INDEX
-    safe_labels = torch.where(mask, labels, 0)
-    logp = torch.where(mask, logsm.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
-    logp_w = _tempered_logprobs(logits[:, :V], safe_labels, mask, config.target_temperature, logp)
-    log_w, inv_count, nonempty = log_weights_torch(logp_w.detach(), behavior_logprobs, mask, cu_seqlens, config)
-    coef = torch.where(mask, log_w.exp(), 0.0)
-    if config.normalization == "sequences":
-        coef = coef * inv_count
-    if normalizer is not None:
-        denom = torch.as_tensor(normalizer, dtype=torch.float32, device=logits.device)
-    elif config.normalization == "tokens":
-        denom = mask.sum().float().clamp_min(1.0)
-    elif config.normalization == "sequences":
-        denom = nonempty.float().clamp_min(1.0)
-    else:
-        s = coef.sum()
-        denom = torch.where(s > 0, s, 1.0)
-    return (coef * -logp).sum() / denom
-

@@ -11,7 +11,8 @@ of step statistics over the parallel groups, and the loop.
   recompute (``model.recompute_activations``), megatron's per-token loss contract
   (``calculate_per_token_loss``: each microbatch returns Σ loss and its token count, megatron divides
   the gradients by the global count after the DP all-reduce), ``finalize_model_grads`` and the DDP
-  wrap. The distributed optimizer defaults to on exactly when ``pear_mega.platform.use_gpu()``.
+  wrap. The distributed optimizer defaults to on exactly when ``pear_mega.platform.use_gpu()``
+  (``pear_mega.optim.default_distributed_optimizer``, read by the optimizer too).
 * ``forward_pack`` — one pack through the model with the attention inputs of the layout the model
   was built with (``model.pear_spec_layout``: a block-diagonal mask for the local spec, THD
   ``PackedSeqParams`` for the TE spec), so no trainer can hand one spec the other's inputs.
@@ -31,19 +32,12 @@ import torch
 import torch.distributed as dist
 
 from pear_mega.checkpointing import latest_checkpoint, latest_step, lock_checkpoint_dir
-from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, wrap_ddp
+from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, default_distributed_optimizer, wrap_ddp
 
 
 class NonFiniteError(TrainingStopped):
     """Training stopped: the optimizer update made parameters non-finite, or too many consecutive
     optimizer steps had a non-finite loss or gradient norm."""
-
-
-def default_distributed_optimizer(setting: bool | None) -> bool:
-    """``optim.use_distributed_optimizer``; None = on GPU (``use_gpu()``), off on CPU."""
-    from pear_mega.platform import use_gpu
-
-    return setting if setting is not None else use_gpu()
 
 
 def make_trainable(model, *, recompute_activations: bool, use_distributed_optimizer: bool | None):

@@ -482,7 +482,8 @@ def stage_loss_benchmark(ctx) -> dict:
     import torch
 
     from pear_mega.kernels import fused_pear_loss
-    from pear_mega.pear import PearConfig, pear_loss_eager
+    from pear_mega.kernels.pear_torch import pear_loss_eager
+    from pear_mega.pear import PearConfig
 
     def timed(fn, reps=10):
         fn()

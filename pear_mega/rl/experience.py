@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pear_mega.pear import IGNORE_INDEX
+from pear_mega.platform import use_gpu
 from pear_mega.rl.config import RLConfig, TaskConfig
 from pear_mega.tasks import load_prompt_file, task_source  # noqa: F401 (load_prompt_file: re-exported)
 
@@ -162,7 +163,7 @@ def collect_rollouts(engine, source: PromptSource, cfg: RLConfig, step: int
     reward_seconds = 0.0
     for rnd in range(rounds):
         rows = source.take(ro.prompts_per_step)
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if use_gpu() else []):
             torch.manual_seed(sampling_seed(ro.engine_seed, step, rnd))
             samples = engine.generate([r["prompt"] for r in rows], n=ro.n, temperature=ro.temperature,
                                       top_p=ro.top_p, max_tokens=ro.max_tokens, stop=ro.stop or None)

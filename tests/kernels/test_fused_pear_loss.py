@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from pear_mega.kernels import PearLossOutput, fused_pear_loss
 from pear_mega.kernels.pear_torch import log_weights_torch
-from pear_mega.pear import PearConfig, pear_loss_eager, reference_log_weights, reference_pear_loss
+from pear_mega.kernels.pear_torch import pear_loss_eager
+from pear_mega.pear import PearConfig, reference_log_weights, reference_pear_loss
 
 from pear_kernel_helpers import DEVICE, TOLERANCES, assert_close, compare_outputs, make_pack  # isort: skip
 

@@ -12,7 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 from pear_mega.kernels import fused_pear_loss
-from pear_mega.pear import PearConfig, pear_loss_eager, reference_log_weights, reference_pear_loss
+from pear_mega.kernels.pear_torch import pear_loss_eager
+from pear_mega.pear import PearConfig, reference_log_weights, reference_pear_loss
 
 from pear_kernel_helpers import TOLERANCES, assert_close, compare_outputs, make_pack, tp_worker  # isort: skip
 
