@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from pear_mega.checkpointing import latest_checkpoint, latest_step, lock_checkpoint_dir
 from pear_mega.optim import NonFiniteUpdateError, TrainingStopped, default_distributed_optimizer, wrap_ddp
+from pear_mega.weight_sync import drain
 
 
 class NonFiniteError(TrainingStopped):
@@ -162,8 +163,7 @@ class TrainerCore:
         if self.ctx.rank == 0:
             save_hf_checkpoint(tensors, out_dir, self.arch, hf_files_from=self.cfg.model.hf_path)
         else:
-            for _ in tensors:  # every rank drives the gather collectives
-                pass
+            drain(tensors)  # every rank drives the gather collectives
         dist.barrier()
         self._print(f"exported HF checkpoint to {out_dir}")
 

@@ -9,8 +9,8 @@ One RL step, one phase per line (``RLTrainer.train_step``)::
     adv      = advantages(...)     the estimator's (pear_mega.rl.estimators): GRPO group-relative
                                    per sequence, PPO GAE on token rewards
     train    = update(...)         ppo_epochs x minibatches optimizer steps (megatron schedule)
-    sync     = sync_weights()      iter_hf_tensors → RolloutEngine.update_weights (bucketed)
-    verify   = verify_refit()      probe log-probs: engine vs trainer, beyond tol → stop
+    sync     = sync_weights()      WeightSync.push: iter_hf_tensors → RolloutEngine.update_weights (bucketed)
+    verify   = verify_refit()      WeightSync.verify: probe log-probs, engine vs trainer, beyond tol → stop
     drift    = snapshot.update()   update sparsity, parameter drift
 
 Layout. Every rank builds the policy (DDP + optimizer), the reference model and, for PPO, the
@@ -63,6 +63,7 @@ from pear_mega.rl.experience import (
     trim_packs,
 )
 from pear_mega.trainer_core import NonFiniteError, TrainerCore, forward_pack, share_from_last_stage
+from pear_mega.weight_sync import WeightSync
 
 __all__ = ["NonFiniteError", "RLTrainer", "vocab_parallel_entropy"]
 
@@ -134,6 +135,8 @@ class RLTrainer(TrainerCore):
     def __init__(self, cfg: RLConfig):
         from megatron.core import parallel_state as ps
 
+        from pear_mega.models import unwrap_model
+
         self._start(cfg)
         self.is_rank0 = self.ctx.rank == 0
         self.engine_utilization = self._memory_plan()
@@ -178,7 +181,9 @@ class RLTrainer(TrainerCore):
         self.rollout = EngineGroup(self.ctx, EnginePlacement.from_settings(
             self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s,
             engine_threads=ro.engine_threads)
-        self.staging = self._refit_staging()
+        self.weight_sync = WeightSync(self.rollout, self.arch, self.ctx, cfg.refit,
+                                      next(unwrap_model(self.policy[0]).parameters()).dtype,
+                                      timeout_s=cfg.parallel.timeout_s, log=self._print)
         self._offload_optimizers()  # before vLLM measures the free memory
         probes = self.rollout.on_hosts(self._start_engine)
         if ro.num_threads and self.rollout.hosts_engine:
@@ -228,28 +233,10 @@ class RLTrainer(TrainerCore):
             p.requires_grad_(False)
         return model.eval()
 
-    def _refit_staging(self):
-        """Host shared-memory staging for the weight sync (``refit.transport``), or None."""
-        from pear_mega.models import unwrap_model
-        from pear_mega.models.staging import HostStaging
-
-        transport = self.cfg.refit.transport
-        if transport == "collective":
-            return None
-        readers = list(range(self.rollout.placement.num_hosts))
-        if transport == "auto" and len(HostStaging.participants(self.ctx, readers)) == 1:
-            return None  # one rank writes and reads: the collective path moves nothing (views of the parameters)
-        dtype = next(unwrap_model(self.policy[0]).parameters()).dtype
-        reason = HostStaging.unavailable(self.arch, dtype, self.ctx, readers)
-        if reason is not None:
-            if transport == "shared_memory":
-                raise ValueError(f"refit.transport=shared_memory cannot be used: {reason}")
-            if not use_gpu():
-                self._print(f"weight sync: gathered over the process groups ({reason})")
-            return None
-        staging = HostStaging.create(self.arch, dtype, self.ctx, readers, timeout_s=self.cfg.parallel.timeout_s)
-        self._print(f"weight sync: through host shared memory ({staging.nbytes / 2**20:.0f} MiB in /dev/shm)")
-        return staging
+    @property
+    def staging(self):
+        """The weight sync's host staging (None: the collective path)."""
+        return self.weight_sync.staging
 
     @property
     def engine(self):
@@ -565,30 +552,9 @@ class RLTrainer(TrainerCore):
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self) -> dict[str, float]:
-        """Gather the policy into full HF tensors on every engine rank and load them into the
-        engines in place (each worker keeps its shard)."""
-        from pear_mega.models import iter_hf_tensors
-
-        start = time.perf_counter()
+        """Push the policy into the engines (``pear_mega.weight_sync``)."""
         self.weights_discarded = False
-        tensors = iter_hf_tensors(self.policy[0], self.arch, self.ctx, broadcast_groups=self.rollout.broadcast_groups,
-                                  staging=self.staging)
-
-        def work():
-            try:
-                stats = self.engine.update_weights(tensors, bucket_bytes=self.cfg.refit.bucket_mb << 20)
-            finally:
-                for _ in tensors:  # the other ranks are still sending: finish the gather
-                    pass
-            seconds = time.perf_counter() - start
-            return {"timing/weight_sync": seconds, "weight_sync/bytes": float(stats.bytes),
-                    "weight_sync/bytes_per_s": stats.bytes / max(seconds, 1e-9),
-                    "weight_sync/buckets": float(stats.num_buckets)}
-
-        if not self.rollout.hosts_engine:
-            for _ in tensors:
-                pass
-        return self.rollout.on_hosts(work)
+        return self.weight_sync.push(self.policy[0])
 
     def probe_logprobs(self) -> list[torch.Tensor] | None:
         """Trainer log π(probe response | probe prompt) at temperature 1 (on the engine ranks and
@@ -610,19 +576,11 @@ class RLTrainer(TrainerCore):
 
     def verify_refit(self) -> dict[str, float]:
         """Engine vs trainer log-probs on the probes; beyond ``refit.tol`` every rank stops
-        (RefitVerificationError on the engine ranks whose engine disagrees). Every engine is checked;
-        the logged difference is the largest over engines."""
+        (``WeightSync.verify``)."""
         start = time.perf_counter()
         trainer_logprobs = self.probe_logprobs()
-
-        def work():
-            stats = self.engine.verify_refit([s.prompt_ids for s in self.probe_seqs],
-                                             [s.response_ids for s in self.probe_seqs], trainer_logprobs,
-                                             tol=self.cfg.refit.tol, max_tol=self.cfg.refit.max_tol or None)
-            return {**{f"refit/{k}_abs_logp_diff": self.rollout.max_over_engines(v) for k, v in stats.items()},
-                    "timing/refit_verify": time.perf_counter() - start}
-
-        return self.rollout.on_hosts(work)
+        return self.weight_sync.verify([s.prompt_ids for s in self.probe_seqs],
+                                       [s.response_ids for s in self.probe_seqs], trainer_logprobs, started=start)
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, float]:
@@ -676,6 +634,5 @@ class RLTrainer(TrainerCore):
 
     def close(self) -> None:
         self.rollout.close()
-        if self.staging is not None:
-            self.staging.close()
+        self.weight_sync.close()
         super().close()
