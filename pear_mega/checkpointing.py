@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from pear_mega.optim import TrainingStopped
+from pear_mega.platform import use_gpu
 
 LATEST = "latest"
 TRAINER_META = "trainer_state.json"
@@ -114,7 +115,7 @@ def rng_state() -> dict[str, torch.Tensor]:
         raise ValueError(f"numpy RNG {kind!r}: only MT19937 states are saved")
     for name, value in tensor_parallel.get_cuda_rng_tracker().get_states().items():
         state[f"tracker.{name}"] = value.cpu()
-    if torch.cuda.is_available():
+    if use_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -133,7 +134,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     tracker = {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")}
     if tracker:
         tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and use_gpu():
         torch.cuda.set_rng_state(state["cuda"])
 
 

@@ -55,9 +55,9 @@ LOGPROBS_MODE = "processed_logprobs"
 
 
 def _on_gpu() -> bool:
-    import torch
+    from pear_mega.platform import use_gpu
 
-    return torch.cuda.is_available()
+    return use_gpu()
 
 
 def make_llm(model_dir: str, *, seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float = 0.5,

@@ -86,7 +86,9 @@ def apply_cpu_patches() -> bool:
     global _APPLIED, _MODE
     import torch
 
-    if torch.cuda.is_available():
+    from pear_mega.platform import use_gpu
+
+    if use_gpu():
         return False
     with _LOCK:
         if _APPLIED:

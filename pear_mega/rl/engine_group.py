@@ -161,7 +161,7 @@ class EngineGroup:
             self.launch_env = {
                 "RANK": str(self.worker),
                 # the device index on GPU (torchrun's LOCAL_RANK); on CPU only a worker id
-                "LOCAL_RANK": str(ctx.local_rank if torch.cuda.is_available() else self.worker),
+                "LOCAL_RANK": str(ctx.local_rank if use_gpu() else self.worker),
                 "WORLD_SIZE": str(placement.tensor_parallel_size),
                 "MASTER_ADDR": addr,
                 "MASTER_PORT": str(port),
@@ -229,7 +229,7 @@ class EngineGroup:
         mine = placement.chunk(len(prompts), e)
         samples = []
         if len(mine):
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if use_gpu() else []):
                 torch.manual_seed(torch.initial_seed() + e)
                 samples = self.engine.generate([prompts[i] for i in mine], **kwargs)
             for s in samples:

@@ -45,7 +45,9 @@ def machine_description() -> str:
     try:
         import torch
 
-        if torch.cuda.is_available():
+        from pear_mega.platform import use_gpu
+
+        if use_gpu():
             gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
