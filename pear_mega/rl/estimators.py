@@ -23,7 +23,7 @@ field or advantage function is missing, is an error when the config is built
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +68,21 @@ def check_estimator(name: str, algorithm) -> Estimator:
     return est
 
 
+def padded(ids: Sequence[int], values: dict[int, torch.Tensor], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``{seq_id: [r]}`` → ``([B, L_max] values, [B, L_max] mask)`` for the sequences ``ids``."""
+    width = max([*lengths, 1])
+    out = torch.zeros(len(ids), width)
+    mask = torch.zeros(len(ids), width)
+    for row, (i, r) in enumerate(zip(ids, lengths)):
+        out[row, :r] = values[i]
+        mask[row, :r] = 1.0
+    return out, mask
+
+
 def _kl(trainer, exp, lengths, policy):
     """``(kl [B, L], mask [B, L])`` of this rank's sequences when the KL is folded into the
     rewards (``kl_mode='reward'``), else ``(None, None)``."""
     from pear_mega.rl import algorithms as A
-    from pear_mega.rl.experience import padded
-
     if not (trainer.ctx.is_last_stage and exp.ids and trainer.kl_in_reward):
         return None, None
     logp_old, mask = padded(exp.ids, exp.logp_old, lengths)
@@ -108,8 +117,6 @@ def gae_advantages(trainer, seqs, exp, rewards: torch.Tensor) -> dict[str, float
     """GAE on token rewards (the sequence reward on the last token, −β·KL per token in reward
     mode) with the critic's values, whitened over the global batch (``algorithm.whiten_advantages``)."""
     from pear_mega.rl import algorithms as A
-    from pear_mega.rl.experience import padded
-
     policy, ctx = trainer.cfg.policy, trainer.ctx
     lengths = [len(seqs[i].response_ids) for i in exp.ids]
     kl, _ = _kl(trainer, exp, lengths, policy)

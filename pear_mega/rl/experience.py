@@ -348,17 +348,6 @@ def gather_from_pack(pack: dict, per_token: torch.Tensor) -> dict[int, torch.Ten
     return {i: flat[start:start + r].clone() for i, start, r in zip(pack["seq_ids"], pack["starts"], pack["lengths"])}
 
 
-def padded(ids: Sequence[int], values: dict[int, torch.Tensor], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``{seq_id: [r]}`` → ``([B, L_max] values, [B, L_max] mask)`` for the sequences ``ids``."""
-    width = max([*lengths, 1])
-    out = torch.zeros(len(ids), width)
-    mask = torch.zeros(len(ids), width)
-    for row, (i, r) in enumerate(zip(ids, lengths)):
-        out[row, :r] = values[i]
-        mask[row, :r] = 1.0
-    return out, mask
-
-
 @dataclass
 class Experience:
     """Per-sequence, response-aligned tensors of one step on this rank (last pipeline stage).
