@@ -25,7 +25,7 @@ from pear_mega.pear import IGNORE_INDEX, PearConfig, tempered_logprobs
 # 4 MiB of fp32 per temporary buffer. Small enough that a chunk's passes (max, sub, exp, sums;
 # sub, exp, scale in backward) hit the cache instead of memory, and below glibc's largest mmap
 # threshold (32 MiB), so the buffers come from the heap instead of fresh, page-faulting mappings.
-# On 2 CPU cores a [512, 49152] forward+backward takes ~100 ms with it vs ~140 ms with 32 MiB.
+# Measured against 32 MiB chunks: docs/benchmarks.md (fused PEAR loss, chunk size).
 CHUNK_ELEMENTS = 1 << 20
 
 
