@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
@@ -50,6 +52,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_trainers_use_the_models_spec_layout(tiny_models):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, tiny_models["llama"]], cwd=REPO, capture_output=True,
                           text=True, timeout=300, check=False)
