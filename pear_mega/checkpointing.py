@@ -189,7 +189,10 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     puts back from the param groups, and then ``load_parameter_state_from_fully_reshardable`` copies
     every per-parameter state key from the checkpoint, which has no ``step`` (megatron stores it in
     the param groups): ``KeyError: 'step'``. So the parameter state is loaded with ``step`` set
-    aside: param groups first (which set ``step``), then the per-parameter tensors.
+    aside: param groups first (which set ``step``), then the per-parameter tensors. megatron also
+    gives every parameter the *same* ``step`` tensor, which torch's fused Adam then increments once
+    per parameter on every step (a wrong bias correction from the first resumed step on): each
+    parameter gets its own copy back.
     """
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 
@@ -206,7 +209,7 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
         opt.load_parameter_state_from_fully_reshardable(state["param_state"])
     finally:
         for p, step in steps.items():
-            opt.optimizer.state[p]["step"] = step
+            opt.optimizer.state[p]["step"] = step.clone()
 
 
 def _init_empty_optimizer_state(optimizer) -> None:
