@@ -250,9 +250,12 @@ def finite_tensors(get, hf_dir):
 
     def checked(name: str) -> torch.Tensor:
         tensor = get(name)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{hf_dir}: tensor {name!r} has {bad} non-finite values (NaN/inf) of {tensor.numel()}")
+        if tensor.is_floating_point():
+            # in chunks: isfinite builds |x| and two masks, three temporaries the size of the input
+            # (the streaming import's peak is one shard + one HF tensor, the embedding the largest)
+            bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in tensor.reshape(-1).split(1 << 22))
+            if bad:
+                raise ValueError(f"{hf_dir}: tensor {name!r} has {bad} non-finite values (NaN/inf) of {tensor.numel()}")
         return tensor
 
     return checked
