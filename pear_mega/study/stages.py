@@ -231,7 +231,7 @@ class StudyPlan:
             behavior_inputs["file_sha256"] = hashlib.sha256(Path(b.file).read_bytes()).hexdigest()
         self._add(Stage("behavior", "behavior", behavior_inputs,
                         [self.behavior_file(), self.behavior_file().with_suffix(".json")], self._run_behavior,
-                        workdirs=[self.behavior_file().parent]))
+                        workdirs=[self.behavior_file().with_name("behavior_teacher_prompt.jsonl")]))
         # Per seed, kind by kind over the arms: the evaluations of a seed's arms run back to back
         # (one engine, see Stage.group); a seed's chains are complete when its last stage is.
         for seed in cfg.study.seeds:
