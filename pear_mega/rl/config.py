@@ -198,6 +198,13 @@ class AlgorithmConfig:
     """PPO: normalize GAE advantages to zero mean / unit std over the global batch."""
     dynamic_sampling_max_rounds: int = 4
     """With dynamic sampling: generation rounds per step to fill the batch with informative groups."""
+    logprob_recompute: str = "auto"
+    """How log π_old (and the rollout/entropy metric) are obtained. 'always': a forward-only pass of
+    the policy over the batch before the update. 'auto': that pass only where π_old must be known
+    before the first optimizer step — several updates per batch (ppo_epochs x minibatches > 1) or
+    the KL folded into the rewards (kl_coef > 0, kl_mode='reward'); otherwise π_old is the current
+    policy, and its log-probs and entropy are taken, detached, from the update's own forward pass
+    (the same numbers, one forward pass fewer; ``RLConfig.recomputes_old_logprobs``)."""
 
     def __post_init__(self):
         from pear_mega.rl.estimators import check_estimator
@@ -205,6 +212,8 @@ class AlgorithmConfig:
         check_estimator(self.name, self)
         if self.ppo_epochs < 1 or self.minibatches < 1:
             raise ValueError("algorithm.ppo_epochs and algorithm.minibatches must be >= 1")
+        if self.logprob_recompute not in ("auto", "always"):
+            raise ValueError(f"algorithm.logprob_recompute must be 'auto' or 'always', got {self.logprob_recompute!r}")
         if self.dynamic_sampling_max_rounds < 1:
             raise ValueError(f"algorithm.dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
 
@@ -303,12 +312,18 @@ class LoggingConfig:
     """A parameter counts as changed when |Δ| > this."""
     kl_to_init: bool = True
     """Log KL(π ‖ π_init) (needs the reference model even when the KL coefficient is 0)."""
+    kl_to_init_interval: int = 1
+    """With kl_coef = 0 the KL to π_init is only logged, and costs a forward pass of the reference
+    model (~1/5 of a CPU step): N > 1 runs it on steps N, 2N, ... and the last one only. With
+    kl_coef > 0 the reference pass runs, and the KL is logged, every step."""
     sample_interval: int = 0
     """Print one sampled response every N steps (0 = never)."""
 
     def __post_init__(self):
         if self.sparsity_tol < 0:
             raise ValueError(f"logging.sparsity_tol must be >= 0, got {self.sparsity_tol}")
+        if self.kl_to_init_interval < 1:
+            raise ValueError(f"logging.kl_to_init_interval must be >= 1, got {self.kl_to_init_interval}")
         if self.sample_interval < 0:
             raise ValueError(f"logging.sample_interval must be >= 0, got {self.sample_interval}")
 
@@ -379,3 +394,25 @@ class RLConfig:
     def needs_reference(self) -> bool:
         """A frozen copy of the initial policy is built for the KL term or the KL-to-init metric."""
         return self.policy.kl_coef > 0 or self.logging.kl_to_init
+
+    @property
+    def recomputes_old_logprobs(self) -> bool:
+        """Whether each step runs a forward-only pass of the policy for log π_old before the update
+        (``algorithm.logprob_recompute``). 'auto' skips it only where π_old is the policy of the
+        update's forward pass and nothing reads it earlier: one optimizer step per rollout batch
+        (later epochs or minibatches would see updated weights) and no KL in the rewards (the
+        advantages would need it). TIS, the mismatch metrics and the KL loss term read log π_old
+        inside the loss, dynamic sampling reads only rewards, PPO's values come from the critic's
+        own pass."""
+        algo, policy = self.algorithm, self.policy
+        return (algo.logprob_recompute == "always" or algo.updates_per_step > 1
+                or (policy.kl_coef > 0 and policy.kl_mode == "reward"))
+
+    def runs_reference_pass(self, step: int) -> bool:
+        """Whether 0-based step ``step`` runs the reference model's forward pass: every step when the
+        KL is in the objective (kl_coef > 0); when it is only logged, the 1-based steps N, 2N, ...
+        of ``logging.kl_to_init_interval`` and the run's last step (its final KL)."""
+        if self.policy.kl_coef > 0:
+            return True
+        done = step + 1
+        return self.logging.kl_to_init and (done % self.logging.kl_to_init_interval == 0 or done == self.train.steps)

@@ -4,8 +4,10 @@ One RL step, one phase per line (``RLTrainer.train_step``)::
 
     seqs     = generate()          engine ranks: vLLM samples n responses per prompt, verifiable
                                    rewards, over-long shaping, dynamic sampling → every rank
-    exp      = recompute(seqs)     forward-only: log π_old and entropy (policy), log π_ref
-                                   (frozen initial policy), V (critic, PPO)
+    exp      = recompute(seqs)     forward-only, each where needed: log π_old and entropy (policy;
+                                   else from the update's forward, algorithm.logprob_recompute),
+                                   log π_ref (frozen initial policy; a logged-only KL every
+                                   logging.kl_to_init_interval steps), V (critic, PPO)
     adv      = advantages(...)     the estimator's (pear_mega.rl.estimators): GRPO group-relative
                                    per sequence, PPO GAE on token rewards
     train    = update(...)         ppo_epochs x minibatches optimizer steps (megatron schedule)
@@ -203,6 +205,24 @@ class RLTrainer(TrainerCore):
             set_rng_state(resumed_rng)
         self.metrics = MetricsWriter(self.ctx.rank, cfg.train.steps, cfg.logging.tensorboard_dir,
                                      cfg.logging.progress_bar, initial_step=self.step, desc=cfg.name)
+        self._print(self._passes_note())
+
+    def _passes_note(self) -> str:
+        """One line saying which forward-only passes each step runs (``recompute``)."""
+        cfg = self.cfg
+        if cfg.recomputes_old_logprobs:
+            why = ("algorithm.logprob_recompute=always" if cfg.algorithm.logprob_recompute == "always" else
+                   "several updates per batch" if cfg.algorithm.updates_per_step > 1 else "KL in the rewards")
+            old = f"log π_old: a forward-only pass of the policy every step ({why})"
+        else:
+            old = "log π_old: from the update's forward pass (one update per batch; no recompute pass)"
+        if self.ref is None:
+            ref = "no reference model"
+        elif cfg.policy.kl_coef > 0:
+            ref = "reference pass every step (kl_coef > 0)"
+        else:
+            ref = f"reference pass for the logged KL every {cfg.logging.kl_to_init_interval} step(s)"
+        return f"{old}; {ref}"
 
     # ------------------------------------------------------------------ construction
     def _memory_plan(self) -> float:
@@ -360,19 +380,21 @@ class RLTrainer(TrainerCore):
 
     # ------------------------------------------------------------------ phases on the trainer
     def recompute(self, seqs: list[RolloutSequence]) -> tuple[Experience, dict[str, float]]:
-        """Forward-only passes over this rank's sequences: log π_old, entropy, log π_ref, V."""
-        from pear_mega.rl.metrics import kl_to_initial_policy
-
+        """Forward-only passes over this rank's sequences, each only where this step needs it:
+        log π_old and entropy (policy, ``RLConfig.recomputes_old_logprobs``; else the update's
+        forward fills them), log π_ref (``RLConfig.runs_reference_pass``), V (critic, PPO)."""
         packs = plan_microbatches(seqs, self.ctx.dp_rank, self.ctx.dp_size, self.cfg.train.seq_length, self.pad_id)[0]
         self._check_packs(packs)
         exp = Experience(ids=shard_of(len(seqs), self.ctx.dp_rank, self.ctx.dp_size))
         temperature = self.cfg.rollout.temperature
         last = self.ctx.is_last_stage
-        outputs = self._forward_only(self.policy, packs, partial(self._logprob_loss, temperature))
-        for pack, out in zip(packs, outputs if last else []):
-            exp.logp_old.update(gather_from_pack(pack, out["logp"]))
-            exp.entropy.update(gather_from_pack(pack, out["entropy"]))
-        if self.ref is not None:
+        recomputed = self.cfg.recomputes_old_logprobs
+        if recomputed:
+            outputs = self._forward_only(self.policy, packs, partial(self._logprob_loss, temperature))
+            for pack, out in zip(packs, outputs if last else []):
+                exp.logp_old.update(gather_from_pack(pack, out["logp"]))
+                exp.entropy.update(gather_from_pack(pack, out["entropy"]))
+        if self.ref is not None and self.cfg.runs_reference_pass(self.step):
             outputs = self._forward_only([self.ref], packs, partial(self._logprob_loss, temperature))
             for pack, out in zip(packs, outputs if last else []):
                 exp.logp_ref.update(gather_from_pack(pack, out["logp"]))
@@ -380,22 +402,32 @@ class RLTrainer(TrainerCore):
             outputs = self._forward_only(self.critic, packs, self._value_output)
             for pack, out in zip(packs, outputs if last else []):
                 exp.values.update(gather_from_pack(pack, out["values"]))
-        metrics: dict[str, float] = {}
-        if last:
-            def cat(per_seq: dict) -> torch.Tensor:  # this rank's response tokens, on the collective device
-                flat = torch.cat([per_seq[i] for i in exp.ids]) if exp.ids else torch.zeros(0)
-                return flat.to(self.ctx.device)
+        return exp, {"train/logprob_recomputed": float(recomputed)}
 
-            ones = torch.ones_like(cat(exp.logp_old))
-            stats = torch.stack([(cat(exp.entropy) * ones).sum(), ones.sum()]).double()
-            if self.ctx.dp_size > 1:
-                dist.all_reduce(stats, group=self.ctx.dp_group)
-            metrics["rollout/entropy"] = float(stats[0] / stats[1].clamp(min=1))
-            if self.ref is not None and self.cfg.logging.kl_to_init:
-                kl = kl_to_initial_policy(cat(exp.logp_old), cat(exp.logp_ref), ones,
-                                          group=self.ctx.dp_group if self.ctx.dp_size > 1 else None)
-                metrics.update({k: float(v) for k, v in kl.items()})
-        return exp, metrics
+    def _rollout_metrics(self, exp: Experience, have_old: bool) -> dict[str, float]:
+        """``rollout/entropy`` of π_old and, on the steps that ran the reference pass,
+        ``drift/kl_to_init_k3``, over this step's response tokens (after the update: π_old may come
+        from its forward pass). ``have_old``: π_old was computed (the same on every rank)."""
+        from pear_mega.rl.metrics import kl_to_initial_policy
+
+        metrics: dict[str, float] = {}
+        if not (self.ctx.is_last_stage and have_old):
+            return metrics
+
+        def cat(per_seq: dict) -> torch.Tensor:  # this rank's response tokens, on the collective device
+            flat = torch.cat([per_seq[i] for i in exp.ids]) if exp.ids else torch.zeros(0)
+            return flat.to(self.ctx.device)
+
+        ones = torch.ones_like(cat(exp.logp_old))
+        stats = torch.stack([(cat(exp.entropy) * ones).sum(), ones.sum()]).double()
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(stats, group=self.ctx.dp_group)
+        metrics["rollout/entropy"] = float(stats[0] / stats[1].clamp(min=1))
+        if self.ref is not None and self.cfg.logging.kl_to_init and self.cfg.runs_reference_pass(self.step):
+            kl = kl_to_initial_policy(cat(exp.logp_old), cat(exp.logp_ref), ones,
+                                      group=self.ctx.dp_group if self.ctx.dp_size > 1 else None)
+            metrics.update({k: float(v) for k, v in kl.items()})
+        return metrics
 
     def advantages(self, seqs: list[RolloutSequence], exp: Experience) -> dict[str, float]:
         """The estimator's advantages (``pear_mega.rl.estimators``): GRPO group-relative per
@@ -416,9 +448,10 @@ class RLTrainer(TrainerCore):
             weight = {i: torch.full((len(seqs[i].response_ids),), float(seqs[i].loss_weight > 0)) for i in ids}
             pack["loss_mask"] = scatter_to_pack(pack, weight)
             pack["logp_rollout"] = scatter_to_pack(pack, {i: torch.tensor(seqs[i].rollout_logprobs) for i in ids})
-            pack["logp_old"] = scatter_to_pack(pack, exp.logp_old)
+            if self.cfg.recomputes_old_logprobs:  # else _policy_loss takes π_old from its own forward
+                pack["logp_old"] = scatter_to_pack(pack, exp.logp_old)
             pack["advantages"] = scatter_to_pack(pack, exp.advantages)
-            if self.ref is not None:
+            if self.ref is not None and self.cfg.runs_reference_pass(self.step):
                 pack["logp_ref"] = scatter_to_pack(pack, exp.logp_ref)
             if self.estimator.needs_critic:
                 pack["values_old"] = scatter_to_pack(pack, exp.values)
@@ -446,10 +479,15 @@ class RLTrainer(TrainerCore):
                 if total == 0:  # every sequence of the minibatch is masked out: nothing to learn
                     continue
                 self._attach(packs, seqs, exp)
-                metrics = self._optimizer_step(self.policy, self.optimizer, self.scheduler, packs, self._policy_loss)
+                metrics, outputs = self._optimizer_step(self.policy, self.optimizer, self.scheduler, packs,
+                                                        self._policy_loss)
+                for pack, out in zip(packs, outputs if "old" in (outputs or [{}])[0] else []):
+                    # one update per batch: π_old from this forward, before the optimizer step
+                    exp.logp_old.update(gather_from_pack(pack, out["old"]["logp"]))
+                    exp.entropy.update(gather_from_pack(pack, out["old"]["entropy"]))
                 if self.estimator.needs_critic:
-                    critic = self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler, packs,
-                                                  self._value_loss)
+                    critic, _ = self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler, packs,
+                                                     self._value_loss)
                     metrics.update({_CRITIC_RENAME.get(k, k): v for k, v in critic.items() if k != "train/loss_tokens"})
                 collected.append(metrics)
         if not collected:
@@ -459,7 +497,9 @@ class RLTrainer(TrainerCore):
             out["train/clip_frac"] = out["train/pg_clip_frac"]
         return out
 
-    def _optimizer_step(self, chunks, optimizer, scheduler, packs, loss_func) -> dict[str, float]:
+    def _optimizer_step(self, chunks, optimizer, scheduler, packs, loss_func) -> tuple[dict[str, float], list]:
+        """One optimizer step over ``packs``: (metrics, the loss function's per-pack outputs on the
+        last stage)."""
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -472,7 +512,7 @@ class RLTrainer(TrainerCore):
             self.bad_streak = 0 if applied else self.bad_streak + 1
         metrics.update({"train/grad_norm": grad_norm, "train/step_applied": float(applied),
                         "train/lr": optimizer.param_groups[0]["lr"]})
-        return metrics
+        return metrics, reduced
 
     def _reduce_metrics(self, reduced: list[dict]) -> tuple[dict[str, float], bool]:
         """Token-weighted means (max for ``_MAX_KEYS``) over microbatches and DP, on the last stage;
@@ -518,7 +558,7 @@ class RLTrainer(TrainerCore):
             z = z.masked_fill(torch.arange(v_local, device=device) >= n_valid, float("-inf"))
         logp = -vocab_parallel_cross_entropy(z.unsqueeze(1), labels.clamp(min=0).unsqueeze(1))[:, 0]
         logp = torch.where(on_label, logp, torch.zeros_like(logp))
-        entropy = None  # monitoring uses the recompute pass's entropy (rollout/entropy)
+        entropy = None  # monitoring uses π_old's detached entropy (rollout/entropy)
         if policy.entropy_coef > 0:
             entropy = vocab_parallel_entropy((logits[0].float() / temperature)[:, :n_valid], self.tp_group)
 
@@ -528,14 +568,24 @@ class RLTrainer(TrainerCore):
         # the aggregation's token weights and count (megatron divides by the global Σ count)
         context = LossContext(cu_seqlens=pack["cu_seqlens"].to(device), max_response_len=self.cfg.rollout.max_tokens)
         weights, count = loss_aggregation(policy, mask, context)
-        loss, m = policy_loss(policy, logp, get("logp_old"), get("advantages"), mask, normalizer=1.0,
+        old = None
+        logp_old = get("logp_old")
+        if logp_old is None:
+            # No recompute pass (RLConfig.recomputes_old_logprobs): π_old is this forward's policy. The
+            # fused kernel on these logits, detached, gives what the pass would have: same logits, same kernel.
+            old = self._detached_logprobs(logits, pack, temperature)
+            logp_old = torch.where(on_label, old.logprobs, torch.zeros_like(old.logprobs))
+        loss, m = policy_loss(policy, logp, logp_old, get("advantages"), mask, normalizer=1.0,
                               logp_rollout=get("logp_rollout"), logp_ref=get("logp_ref"), entropy=entropy,
                               token_weights=weights, context=context)
         n = mask.sum()
         sums = {k: (v if k in _SUM_KEYS else v * n) for k, v in m.items() if k not in _MAX_KEYS}
         sums["train/loss"] = loss.detach()
         maxes = {k: v for k, v in m.items() if k in _MAX_KEYS}
-        return loss, count.int(), {"sum": sums, "max": maxes, "n": n}
+        out = {"sum": sums, "max": maxes, "n": n}
+        if old is not None:
+            out["old"] = {"logp": logp_old, "entropy": old.entropy}
+        return loss, count.int(), out
 
     def _value_loss(self, pack: dict, values: torch.Tensor):
         from pear_mega.rl.algorithms import value_loss
@@ -595,6 +645,8 @@ class RLTrainer(TrainerCore):
             t = time.perf_counter()
             metrics.update(self.update(seqs, exp))
             metrics["timing/training"] = time.perf_counter() - t
+            have_old = self.cfg.recomputes_old_logprobs or metrics.get("train/updates", 0) > 0
+            metrics.update(self._rollout_metrics(exp, have_old))
             if metrics.get("train/updates", 0):
                 metrics.update(self.sync_weights())
             interval = self.cfg.refit.verify_interval

@@ -21,11 +21,12 @@ def rl_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("rl_trainer") / "tiny-llama")
 
 
-def run_rl(tmp_path: Path, nproc: int, overrides: list[str], *extra: str, timeout: int = 300) -> dict:
-    """Launch the runner with ``nproc`` ranks; return the JSON it writes (rank 0's view)."""
+def run_rl(tmp_path: Path, nproc: int, overrides: list[str], *extra: str, timeout: int = 300,
+           runner: Path = RUNNER) -> dict:
+    """Launch ``runner`` with ``nproc`` ranks; return the JSON it writes (rank 0's view)."""
     out = tmp_path / f"result-{len(list(tmp_path.glob('result-*')))}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(RUNNER), "--out", str(out), *extra, *overrides]
+           str(runner), "--out", str(out), *extra, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)

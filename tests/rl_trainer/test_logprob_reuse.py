@@ -1,0 +1,85 @@
+"""One RL step without redundant forward passes (``algorithm.logprob_recompute``,
+``logging.kl_to_init_interval``).
+
+Which passes run is decided by ``RLConfig.recomputes_old_logprobs`` / ``runs_reference_pass``
+(checked here case by case); the trainer test (2 ranks, DP=2, tiny model, real megatron + vLLM)
+shows that the reuse path gives the recompute path's step-1 loss, metrics, gradients, log π_old and
+entropy, and that the logged-only KL appears on the interval's steps and the last one only.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pear_mega.rl.algorithms import GRPOConfig, PPOConfig
+from pear_mega.rl.config import AlgorithmConfig, LoggingConfig, RLConfig, TaskConfig, TrainConfig
+from pear_mega.run_config import ModelConfig
+
+
+def _cfg(steps=10, interval=1, kl_to_init=True, **algorithm) -> RLConfig:
+    return RLConfig(model=ModelConfig(hf_path="unused"), task=TaskConfig(source="synthetic"),
+                    algorithm=AlgorithmConfig(**algorithm), train=TrainConfig(steps=steps),
+                    logging=LoggingConfig(kl_to_init=kl_to_init, kl_to_init_interval=interval))
+
+
+def test_old_logprob_pass_skipped_only_where_redundant():
+    assert not _cfg().recomputes_old_logprobs  # defaults: one update per batch, kl_coef = 0
+    assert not _cfg(grpo=GRPOConfig(kl_coef=0.01, kl_mode="loss")).recomputes_old_logprobs
+    assert not _cfg(grpo=GRPOConfig(entropy_coef=0.01, tis_cap=2.0)).recomputes_old_logprobs
+    assert not _cfg(name="ppo").recomputes_old_logprobs  # the critic's values have their own pass
+    # π_old needed before or across optimizer steps: the pass stays
+    assert _cfg(logprob_recompute="always").recomputes_old_logprobs
+    assert _cfg(ppo_epochs=2).recomputes_old_logprobs
+    assert _cfg(minibatches=2).recomputes_old_logprobs
+    assert _cfg(grpo=GRPOConfig(kl_coef=0.01, kl_mode="reward")).recomputes_old_logprobs
+    assert _cfg(name="ppo", ppo=PPOConfig(kl_coef=0.01, kl_mode="reward")).recomputes_old_logprobs
+
+
+def test_reference_pass_steps():
+    def steps(cfg):
+        return [s + 1 for s in range(cfg.train.steps) if cfg.runs_reference_pass(s)]
+
+    assert steps(_cfg(steps=5)) == [1, 2, 3, 4, 5]
+    assert steps(_cfg(steps=10, interval=4)) == [4, 8, 10]  # and the last step's final KL
+    assert steps(_cfg(steps=8, interval=4)) == [4, 8]
+    assert steps(_cfg(steps=3, interval=4, kl_to_init=False)) == []
+    # a KL in the objective needs π_ref every step, whatever the logging interval
+    assert steps(_cfg(steps=3, interval=4, grpo=GRPOConfig(kl_coef=0.01))) == [1, 2, 3]
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ValueError, match="algorithm.logprob_recompute"):
+        AlgorithmConfig(logprob_recompute="never")
+    with pytest.raises(ValueError, match="logging.kl_to_init_interval"):
+        LoggingConfig(kl_to_init_interval=0)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_reuse_path_matches_recompute_path(rl_model, tmp_path):
+    from tests.rl_trainer.conftest import run_rl
+
+    overrides = [f"model.hf_path={rl_model}", "train.steps=3", "checkpoint.dir=", "logging.tensorboard_dir=",
+                 "logging.progress_bar=false", "parallel.timeout_s=180", "rollout.prompts_per_step=4",
+                 "logging.kl_to_init_interval=2", 'rollout.stop=["e"]']
+    result = run_rl(tmp_path, 2, overrides, timeout=400, runner=Path(__file__).with_name("logprob_reuse_runner.py"))
+    assert result["recomputed"] == [1.0, 0.0]
+    always, auto = result["metrics"]
+    assert set(always) == set(auto)
+    for key in always:
+        assert auto[key] == pytest.approx(always[key], rel=1e-6, abs=1e-7), key
+    assert always["train/loss_tokens"] > 0 and always["train/pg_loss"] != 0
+    assert result["grad_max_abs"] > 0
+    assert result["grad_max_abs_diff"] <= 1e-6 * result["grad_max_abs"]
+    assert len(result["logp_old"][0]) == len(result["logp_old"][1]) > 0
+    assert result["logp_old"][1] == pytest.approx(result["logp_old"][0], abs=1e-6)
+    assert result["entropy"][1] == pytest.approx(result["entropy"][0], abs=1e-6)
+    print("gradients bit-equal:", result["grads_equal"], "max |Δgrad|:", result["grad_max_abs_diff"])
+
+    history = result["history"]
+    assert [h["train/logprob_recomputed"] for h in history] == [0.0, 0.0, 0.0]
+    # interval 2 over 3 steps: the logged KL on step 2 and on the last step only
+    assert ["drift/kl_to_init_k3" in h for h in history] == [False, True, True]
+    assert all(math.isfinite(h["rollout/entropy"]) and h["rollout/entropy"] > 0 for h in history)
+    assert all(h["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6) for h in history)
