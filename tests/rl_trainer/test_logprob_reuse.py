@@ -2,12 +2,17 @@
 ``logging.kl_to_init_interval``).
 
 Which passes run is decided by ``RLConfig.recomputes_old_logprobs`` / ``runs_reference_pass``
-(checked here case by case); the trainer test (2 ranks, DP=2, tiny model, real megatron + vLLM)
-shows that the reuse path gives the recompute path's step-1 loss, metrics, gradients, log π_old and
-entropy, and that the logged-only KL appears on the interval's steps and the last one only.
+(checked here case by case). On a tiny model (real megatron, one process, no engine: a fixed batch)
+the reuse path gives the recompute path's step-1 loss, metrics, gradients, log π_old and entropy
+bit for bit, and the logged-only KL appears on the interval's steps and the last one only; the
+same end to end with 2 ranks (DP=2) and the vLLM engine.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +58,34 @@ def test_bad_values_name_the_key():
         AlgorithmConfig(logprob_recompute="never")
     with pytest.raises(ValueError, match="logging.kl_to_init_interval"):
         LoggingConfig(kl_to_init_interval=0)
+
+
+@pytest.mark.slow
+def test_reuse_path_equals_recompute_path_in_process(rl_model, tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, str(Path(__file__).with_name("logprob_reuse_local.py")), "--model", str(rl_model),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-6000:]
+    result = json.loads(out.read_text())
+    assert result["recomputed"] == [1.0, 0.0]
+    always, auto = result["metrics"]
+    assert always["train/loss_tokens"] > 0 and always["train/pg_loss"] != 0 and result["grad_max_abs"] > 0
+    # same logits, same kernel: the detached log π_old of the update's forward is the recompute pass's
+    assert auto == always
+    assert result["grads_equal"] and result["grad_max_abs_diff"] == 0.0
+    assert result["logp_old"][1] == result["logp_old"][0] and result["entropy"][1] == result["entropy"][0]
+
+    steps = result["steps"]
+    assert steps[0]["logp_old"] == result["logp_old"][0]  # filled by the update, before its optimizer step
+    assert [s["metrics"]["train/logprob_recomputed"] for s in steps] == [0.0, 0.0, 0.0]
+    assert [s["metrics"]["train/step_applied"] for s in steps] == [1.0, 1.0, 1.0]
+    assert steps[1]["logp_old"] != steps[0]["logp_old"]  # π_old follows the updated policy
+    # logging.kl_to_init_interval=2 over 3 steps: step 2 and the last one
+    assert ["drift/kl_to_init_k3" in s["metrics"] for s in steps] == [False, True, True]
+    assert steps[2]["metrics"]["drift/kl_to_init_k3"] > 0
+    assert all(s["metrics"]["rollout/entropy"] > 0 for s in steps)
 
 
 @pytest.mark.slow
