@@ -115,4 +115,5 @@ def test_reuse_path_matches_recompute_path(rl_model, tmp_path):
     # interval 2 over 3 steps: the logged KL on step 2 and on the last step only
     assert ["drift/kl_to_init_k3" in h for h in history] == [False, True, True]
     assert all(math.isfinite(h["rollout/entropy"]) and h["rollout/entropy"] > 0 for h in history)
-    assert all(h["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6) for h in history)
+    # on-policy: the differentiable log-prob (megatron's cross entropy) vs the fused kernel's π_old
+    assert all(h["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5) for h in history)
