@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from pear_mega.pear import IGNORE_INDEX, PearConfig, tempered_logprobs
+from pear_mega.pear import IGNORE_INDEX, PearConfig
 
 # 4 MiB of fp32 per temporary buffer. Small enough that a chunk's passes (max, sub, exp, sums;
 # sub, exp, scale in backward) hit the cache instead of memory, and below glibc's largest mmap
@@ -164,12 +164,14 @@ def pear_loss_eager(
 ) -> Tensor:
     """Vectorized eager PEAR loss (full-vocab ``log_softmax``, no host sync), for benchmarking and
     ``torch.compile``. Same semantics as ``pear_mega.pear.reference_pear_loss``; returns only the loss."""
+    from pear_mega.pear import _tempered_logprobs  # the reference's tempered log-probs
+
     V = logits.shape[1] if vocab_size is None else vocab_size
     logsm = torch.log_softmax(logits[:, :V].float(), dim=-1)
     mask = labels != IGNORE_INDEX
     safe_labels = torch.where(mask, labels, 0)
     logp = torch.where(mask, logsm.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
-    logp_w = tempered_logprobs(logits[:, :V], safe_labels, mask, config.target_temperature, logp)
+    logp_w = _tempered_logprobs(logits[:, :V], safe_labels, mask, config.target_temperature, logp)
     log_w, inv_count, nonempty = log_weights_torch(logp_w.detach(), behavior_logprobs, mask, cu_seqlens, config)
     coef = torch.where(mask, log_w.exp(), 0.0)
     if config.normalization == "sequences":

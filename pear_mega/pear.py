@@ -196,7 +196,7 @@ def reference_loss_coefficients(
     return coef, denom
 
 
-def tempered_logprobs(x: Tensor, safe_labels: Tensor, mask: Tensor, temperature: float, logp: Tensor) -> Tensor:
+def _tempered_logprobs(x: Tensor, safe_labels: Tensor, mask: Tensor, temperature: float, logp: Tensor) -> Tensor:
     """log softmax(x/τ)[label] ``[T]`` (0 where masked); ``logp`` itself when τ = 1."""
     if temperature == 1.0:
         return logp
@@ -225,7 +225,7 @@ def reference_pear_loss(
     mask = labels != IGNORE_INDEX
     safe_labels = torch.where(mask, labels, 0)
     logp = torch.where(mask, logsm.gather(1, safe_labels[:, None]).squeeze(1), 0.0)
-    logp_w = tempered_logprobs(x, safe_labels, mask, config.target_temperature, logp)
+    logp_w = _tempered_logprobs(x, safe_labels, mask, config.target_temperature, logp)
     log_w = reference_log_weights(logp_w, behavior_logprobs.float(), mask, cu_seqlens, config).to(x.device)
     coef, denom = reference_loss_coefficients(log_w, mask, cu_seqlens, config, normalizer)
     loss = (coef.float().to(x.device) * -logp).sum() / denom.float().to(x.device)
