@@ -21,6 +21,7 @@ loss a fresh ``[S, V/tp]`` buffer that nothing reads after it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ class PearNLLLoss:
 
     def _tp(self, logits: Tensor, ctx) -> dict:
         return dict(tp_group=ctx.tp_group if ctx.tp_size > 1 else None, vocab_start=ctx.tp_rank * logits.shape[-1],
-                    vocab_size=self.vocab_size, inplace_backward=True,
+                    vocab_size=self.vocab_size, inplace_backward=True, check_inputs=False,
                     normalizer=None if self.pear.normalization == "weights" else 1.0)  # fmt: skip
 
     def __call__(self, logits: Tensor, pack: dict, ctx) -> LossResult:
@@ -93,7 +94,14 @@ class PearNLLLoss:
         """Cheap check of the data files before anything is built (none for the NLL)."""
 
     def check_packs(self, packs, files) -> None:
-        """Check of the loaded packs (none for the NLL)."""
+        """The fused kernel's input checks (labels in the vocabulary or -100, finite πβ log-probs on
+        loss tokens, cu_seqlens), once at load on the host packs: in the loop every microbatch's check
+        would be a device→host sync (``_tp`` passes ``check_inputs=False``)."""
+        from pear_mega.kernels.pear_loss import _check_values
+
+        for pack in packs:
+            with _naming(files):
+                _check_values(pack.labels, pack.behavior_logprobs, pack.cu_seqlens, self.vocab_size)
 
 
 class PearKDLoss(PearNLLLoss):
@@ -171,8 +179,14 @@ class PearKDLoss(PearNLLLoss):
                 break
 
     def check_packs(self, packs, files) -> None:
+        from pear_mega.kernels.kd_loss import _check_topk_values
+
         if any(p.topk_ids is None for p in packs):
             raise ValueError(_NO_TOPK + f": some rows of {list(files)} have no topk_ids / response_topk_ids")
+        super().check_packs(packs, files)
+        for pack in packs:
+            with _naming(files):
+                _check_topk_values(pack.labels, pack.topk_ids, pack.topk_logprobs, self.vocab_size)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["tokens"], 1.0)
@@ -184,6 +198,16 @@ class PearKDLoss(PearNLLLoss):
             "kd/student_mass": sums["kd_student_mass"] / n,
             "kd/topk_overlap": sums["kd_overlap"] / max(sums["kd_teacher_ids"], 1.0),
         }
+
+
+@contextmanager
+def _naming(files):
+    """Prefix a kernel input check's error with the data files (rows were checked by name at load;
+    this is the net under the packing)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"data ({', '.join(map(str, files))}): {e}") from None
 
 
 _NO_TOPK = ("loss.kind=kd needs a teacher top-K with every row of data.train_files (collect it with "

@@ -98,3 +98,32 @@ def test_kd_refuses_data_without_top_k_naming_file_row_and_field(tmp_path):
                                          r"messages\[1\]\.topk_ids is missing"):
         loss.check_data([str(good), str(bad)])
     PearNLLLoss(PearConfig(), 50).check_data([str(bad)])  # the NLL needs none
+
+
+def test_inputs_are_checked_once_at_load_not_per_microbatch(monkeypatch):
+    """The loss call skips the kernels' value checks (a device→host sync per microbatch); the loaded
+    packs are checked once by check_packs, which still refuses a bad label or teacher id."""
+    import pear_mega.kernels.kd_loss as kd_loss
+    import pear_mega.kernels.pear_loss as pear_loss
+
+    pack, logits = _pack()
+    calls = []
+    for module in (pear_loss, kd_loss):
+        for name in ("_check_values", "_check_topk_values"):
+            if hasattr(module, name):
+                real = getattr(module, name)
+                monkeypatch.setattr(module, name, lambda *a, _real=real: (calls.append(1), _real(*a))[1])
+    pear = PearConfig(level="token")
+    PearNLLLoss(pear, vocab_size=50)(logits.clone().requires_grad_(), pack, CTX)
+    PearKDLoss(pear, KDConfig(), vocab_size=50)(logits.clone().requires_grad_(), pack, CTX)
+    assert calls == []
+
+    good = SimpleNamespace(**pack)
+    PearKDLoss(pear, KDConfig(), vocab_size=50).check_packs([good], ["train.jsonl"])
+    assert len(calls) == 2
+    bad_label = SimpleNamespace(**{**pack, "labels": pack["labels"].clone().index_fill_(0, torch.tensor([2]), 50)})
+    with pytest.raises(ValueError, match=r"data \(train.jsonl\): .*labels\[2\] = 50"):
+        PearNLLLoss(pear, vocab_size=50).check_packs([bad_label], ["train.jsonl"])
+    bad_id = SimpleNamespace(**{**pack, "topk_ids": pack["topk_ids"].clone().index_fill_(0, torch.tensor([1]), 77)})
+    with pytest.raises(ValueError, match=r"data \(train.jsonl\): .*topk_ids\[1, 0\] = 77"):
+        PearKDLoss(pear, KDConfig(), vocab_size=50).check_packs([bad_id], ["train.jsonl"])
