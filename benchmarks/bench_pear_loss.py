@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from pear_mega.platform import use_gpu
+
 GPU_SIZES = "4096x32768,4096x151936,16384x32768,16384x151936"
 CPU_SIZES = "1024x32000,1024x49152,2048x32000,2048x49152"
 
@@ -357,7 +359,7 @@ def main() -> None:
     args = parser.parse_args()
     args.threads = torch.get_num_threads()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if use_gpu() else "cpu"
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     args.iters = args.iters or (10 if device == "cuda" else 3)

@@ -25,7 +25,9 @@ import time
 def _machine() -> str:
     import torch
 
-    if torch.cuda.is_available():
+    from pear_mega.platform import use_gpu
+
+    if use_gpu():
         return torch.cuda.get_device_name()
     cpu = platform.processor() or "cpu"
     try:
@@ -63,6 +65,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from pear_mega.data.prompts import reasoning_gym_prompts
+    from pear_mega.platform import use_gpu
     from pear_mega.pretrained import smollm2_135m_instruct
     from pear_mega.rl.rollout import RolloutConfig, RolloutEngine, hf_sequence_logprobs
 
@@ -74,7 +77,7 @@ def main(argv=None) -> None:
                                          keep_freed_memory=args.keep_freed_memory))
     start_s = time.perf_counter() - t0
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    if torch.cuda.is_available():
+    if use_gpu():
         hf = hf.cuda()
     gen = torch.Generator(device=hf.device).manual_seed(0)
 

@@ -37,7 +37,9 @@ PHASES = (("generation", "timing/generation"), ("reward", "timing/reward"),
 def _machine() -> str:
     import torch
 
-    if torch.cuda.is_available():
+    from pear_mega.platform import use_gpu
+
+    if use_gpu():
         return torch.cuda.get_device_name()
     cpu = platform.processor() or "cpu"
     try:

@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from pear_mega.platform import use_gpu
+
 
 def _megatron_step_fn(model_dir: str, dtype: torch.dtype, batch: int, seq: int):
     from megatron.core.distributed import finalize_model_grads
@@ -83,7 +85,7 @@ def _megatron_step_fn(model_dir: str, dtype: torch.dtype, batch: int, seq: int):
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(packs), model=chunks,
                                     num_microbatches=batch, seq_length=seq, micro_batch_size=1)
         guarded_step(optimizer, 1.0)
-        if torch.cuda.is_available():
+        if use_gpu():
             torch.cuda.synchronize()
 
     return step
@@ -92,7 +94,7 @@ def _megatron_step_fn(model_dir: str, dtype: torch.dtype, batch: int, seq: int):
 def _hf_step_fn(model_dir: str, dtype: torch.dtype, batch: int, seq: int):
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if use_gpu() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
     model.train()
     params = list(model.parameters())
@@ -118,7 +120,7 @@ def _hf_step_fn(model_dir: str, dtype: torch.dtype, batch: int, seq: int):
             with torch.no_grad():
                 for master, p in zip(masters, params):
                     p.copy_(master)
-        if torch.cuda.is_available():
+        if use_gpu():
             torch.cuda.synchronize()
 
     return step
@@ -149,7 +151,7 @@ def main() -> None:
     from pear_mega.pretrained import smollm2_135m_instruct
 
     model_dir = args.model or str(smollm2_135m_instruct())
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if use_gpu() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)

@@ -58,10 +58,15 @@ class Skip(Exception):
     """A stage that cannot run here; the message is the reason."""
 
 
-def _import_repo() -> None:
-    """Make ``pear_mega`` and ``pear_mega.kernels`` importable from the checkout (no install needed)."""
+def _repo_on_path() -> None:
+    """Make ``pear_mega`` importable from the checkout (no install needed); imports nothing."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def _import_repo() -> None:
+    """Make ``pear_mega`` and ``pear_mega.kernels`` importable from the checkout (no install needed)."""
+    _repo_on_path()
     try:
         import pear_mega.kernels  # noqa: F401
     except ModuleNotFoundError:
@@ -542,16 +547,15 @@ def run(out: Path, dry_run: bool, only: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initializes CUDA: use_gpu() must agree
-    import torch
+    _repo_on_path()
+    from pear_mega.platform import quiet_fallback_warnings, use_gpu  # torch only: Triton's mode is not chosen yet
 
-    gpu = torch.cuda.is_available()
+    gpu = use_gpu()
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
         if os.environ["TRITON_INTERPRET"] != "1":
             raise SystemExit("the dry run needs TRITON_INTERPRET=1 (Triton's interpreter) or unset")
     _import_repo()
-    from pear_mega.platform import quiet_fallback_warnings
-
     quiet_fallback_warnings()
     ctx = Context(out, gpu)
     report = {"stages": []}
