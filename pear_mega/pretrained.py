@@ -104,7 +104,8 @@ def tiny_model(
     """Write a randomly initialised HF model sharing SmolLM2's tokenizer (vocab 49152).
 
     Defaults give 6.8M parameters (hidden 128, 2 layers, 4 query / 2 KV heads): tensor parallel
-    at 1 or 2, ~0.24 s per 1x512 training step on 2 CPU cores.
+    at 1 or 2, a fraction of a second per 1x512 training step on 2 CPU cores (docs/benchmarks.md,
+    "Numbers cited by the code").
 
     Args:
         path: output directory (created; an existing checkpoint there is returned as is).

@@ -6,8 +6,9 @@ Layer spec, chosen once per model (and logged):
   is present: fused layernorm+linear (``linear_qkv.layer_norm_weight``), TE attention, packed
   sequences as THD through ``PackedSeqParams``.
 - **local** (``get_gpt_layer_local_spec``) otherwise, with megatron's unfused core attention
-  swapped for ``SDPAttention`` (``torch.nn.functional.scaled_dot_product_attention``). On 2 CPU
-  cores this took a SmolLM2-135M 1x1024 training step from 7.77 s to 5.49 s (HF: 4.98 s). Packed
+  swapped for ``SDPAttention`` (``torch.nn.functional.scaled_dot_product_attention``): the
+  unfused one materializes the ``[s, s]`` scores and fills the mask separately, which made it most of
+  the gap to HF's training step on CPU (docs/benchmarks.md, "SFT step"). Packed
   sequences are expressed as a block-diagonal causal mask. The norms are cast to the model dtype.
   On CPU the linear layers run ``pear_mega.models.cpu_linear`` (bf16 GEMMs in fp32, weight
   gradients accumulated into DDP's buffer), and ``SDPAttention`` computes bf16 attention in fp32.

@@ -643,7 +643,7 @@ def _iter_staged(gpt, params: dict[str, torch.Tensor], arch: ModelArch, ctx, sta
     staging.barrier()  # the readers are done with the previous contents
     if ctx.dp_rank == 0 and ctx.cp_rank == 0:
         # One thread: the ranks of the host write at the same time, and a second copy thread
-        # on a rank only competes with them (rank 0's writes, TP=3 on 2 cores: 0.08 -> 0.055 s).
+        # on a rank only competes with them (docs/benchmarks.md, "Host staging").
         with torch_threads(1), torch.no_grad():
             for entry in sync_tensor_maps(arch, ctx.pp_rank, ctx.pp_size):
                 local = params[local_name(entry.megatron, arch, ctx.pp_rank, ctx.pp_size, gpt.pear_spec_layout)]

@@ -15,8 +15,8 @@ speed:
 1. **bf16/fp16 GEMMs run in fp32.** The operands are upcast and the fp32 product is rounded once
    to the activation dtype: the result of a bf16 GEMM with fp32 accumulation (what cuBLAS and
    oneDNN compute), up to summation order. On CPUs without bf16 instructions (AVX2, AVX-512F)
-   torch's bf16 GEMMs fall back to kernels 7-60× slower than its fp32 GEMM (SmolLM2-135M, 1x512
-   on 2 cores: [512, 3072] x [3072, 576] takes 850 ms in bf16, 11 ms upcast to fp32).
+   torch's bf16 GEMMs fall back to kernels over an order of magnitude slower than its fp32 GEMM
+   (docs/benchmarks.md, "SFT step", bf16).
 2. **Weight gradients accumulate into ``main_grad`` inside the GEMM** (``main_grad.addmm_(dyᵀ,
    x)``, β = 1) once ``enable_main_grad_accumulation`` has switched the layer's
    ``gradient_accumulation_fusion`` on, which ``pear_mega.optim.wrap_ddp`` does. This is

