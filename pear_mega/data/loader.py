@@ -38,15 +38,17 @@ def load_tokenizer(path: str):
 
 
 def load_examples(cfg: DataConfig, tokenizer=None) -> tuple[list[TokenizedExample], DataStats]:
-    """Read, validate and tokenize every row of ``cfg.files``, in file order.
+    """Read, validate and tokenize every row of ``cfg.train_files``, in file order.
 
     Raises:
+        ValueError naming the key when ``cfg`` has no files (or no tokenizer and none is passed);
         DataError on the first bad row, unless ``cfg.skip_bad_rows`` (then counted in the stats).
     """
+    cfg.check_source(need_tokenizer=tokenizer is None)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer_path)
     stats = DataStats()
     examples: list[TokenizedExample] = []
-    for path in cfg.files:
+    for path in cfg.train_files:
         for index, row in enumerate(read_rows(path, cfg.cache_dir)):
             stats.rows += 1
             try:
@@ -78,11 +80,12 @@ def load_examples(cfg: DataConfig, tokenizer=None) -> tuple[list[TokenizedExampl
 
 
 def build_packs(cfg: DataConfig, tokenizer=None) -> tuple[list[Pack], DataStats]:
-    """Load, tokenize and pack ``cfg.files``; deterministic given ``cfg.seed``."""
+    """Load, tokenize and pack ``cfg.train_files``; deterministic given ``cfg.seed``."""
+    cfg.check_source(need_tokenizer=tokenizer is None)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer_path)
     examples, stats = load_examples(cfg, tokenizer)
     if not examples:
-        raise ValueError(f"no usable example in {list(cfg.files)} ({stats.summary()})")
+        raise ValueError(f"no usable example in {list(cfg.train_files)} ({stats.summary()})")
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(examples)
     pad_id = cfg.pad_id
@@ -112,7 +115,7 @@ class PackSource:
 
     Build it from a ``DataConfig`` or from its fields as keywords::
 
-        source = PackSource(files=["train.jsonl"], tokenizer_path=model_dir, seq_length=512,
+        source = PackSource(train_files=["train.jsonl"], tokenizer_path=model_dir, seq_length=512,
                             dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
         batch = source.next_pack()   # {"tokens" [S], "labels" [S], "behavior_logprobs" [S], "cu_seqlens" [B+1], ...}
     """
@@ -120,7 +123,7 @@ class PackSource:
     def __init__(self, config: DataConfig | None = None, *, dp_rank: int = 0, dp_size: int = 1, tokenizer=None,
                  **fields):
         if config is None:
-            config = DataConfig(**{k: tuple(v) if k == "files" else v for k, v in fields.items()})
+            config = DataConfig(**fields)
         elif fields:
             raise ValueError(f"PackSource: pass either a DataConfig or its fields, not both ({sorted(fields)})")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:

@@ -1,15 +1,17 @@
 """Typed configuration of a PEAR-SFT run.
 
 One nested dataclass per concern; each validates itself in ``__post_init__`` and cross-field
-checks live in ``SFTConfig.__post_init__``. Recipes (``pear_mega.sft.recipes``) are functions that
-return an ``SFTConfig``; the command line overrides single fields with ``dotted.key=value``.
+checks live in ``SFTConfig.__post_init__``. The ``data`` section is the data pipeline's own
+``pear_mega.data.DataConfig`` (re-exported here), so ``data.*`` keys mean the same in the trainer
+and in the library. Recipes (``pear_mega.sft.recipes``) are functions that return an
+``SFTConfig``; the command line overrides single fields with ``dotted.key=value``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from pear_mega.data.config import TOKEN_CHECK_DEFAULT
+from pear_mega.data.config import DataConfig
 from pear_mega.kd import KDConfig
 from pear_mega.optim import OptimConfig
 from pear_mega.parallel import ParallelConfig
@@ -18,32 +20,6 @@ from pear_mega.run_config import DTYPES, CheckpointConfig, ModelConfig, check_co
 
 __all__ = ["DTYPES", "CheckpointConfig", "DataConfig", "LoggingConfig", "LossConfig", "ModelConfig", "SFTConfig",
            "TrainConfig", "check_context_length"]
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Offline data with behavior log-probs, tokenized and packed."""
-
-    train_files: tuple[str, ...] = ()
-    """jsonl/parquet files in the pear_mega.data format (messages or prompt/response + πβ log-probs)."""
-    seq_length: int = 1024
-    """Tokens per pack; every microbatch is one pack of exactly this many tokens."""
-    skip_bad_rows: bool = False
-    """Skip rows with missing/non-finite/misaligned log-probs (counted and reported) instead of failing."""
-    truncate: bool = False
-    """Truncate rows longer than seq_length (the loss mask ends there) instead of failing."""
-    seed: int = 1234
-    """Shuffle seed of the pack order."""
-    token_check: str = TOKEN_CHECK_DEFAULT
-    """How stored behavior tokens are checked against the text: "decode" (they must decode exactly
-    to the assistant content, at the right place in the chat template) or "retokenize" (they must
-    also equal the tokenizer's canonical tokenization; rejects samples like "Ans"+"wer" that a
-    sampler legitimately produces). The trained tokens are the stored ones either way."""
-
-    def __post_init__(self):
-        if self.token_check not in ("decode", "retokenize"):
-            raise ValueError(f"data.token_check must be 'decode' or 'retokenize', got {self.token_check!r}")
-        if self.seq_length < 8:
-            raise ValueError(f"data.seq_length must be >= 8, got {self.seq_length}")
 
 
 LOSS_KINDS = ("nll", "kd")
@@ -122,6 +98,11 @@ class SFTConfig:
         if self.loss.kind == "kd" and self.pear.target_temperature != 1.0:
             raise ValueError(f"pear.target_temperature={self.pear.target_temperature} is not supported with "
                              "loss.kind=kd (the distillation loss takes πθ at temperature 1)")
+
+    def data_source(self) -> DataConfig:
+        """The data config the trainer loads: ``data`` with the model's tokenizer
+        (``model.hf_path``) unless ``data.tokenizer_path`` names another."""
+        return replace(self.data, tokenizer_path=self.data.tokenizer_path or self.model.hf_path)
 
     def validate_run(self) -> None:
         """Checks of the final config (after every override; the CLI and the trainer run them

@@ -71,17 +71,7 @@ class SFTTrainer(TrainerCore):
         self._sum_names = _SUMS + self.loss.extra_names
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps, self.dtype)
 
-        self.data = PackSource(
-            files=list(cfg.data.train_files),
-            tokenizer_path=cfg.model.hf_path,
-            seq_length=cfg.data.seq_length,
-            seed=cfg.data.seed,
-            dp_rank=self.ctx.dp_rank,
-            dp_size=self.ctx.dp_size,
-            skip_bad_rows=cfg.data.skip_bad_rows,
-            truncate=cfg.data.truncate,
-            token_check=cfg.data.token_check,
-        )
+        self.data = PackSource(cfg.data_source(), dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
         self.loss.check_packs(self.data.packs, cfg.data.train_files)
         if self.ctx.rank == 0:
             print(f"data: {self.data.stats.summary()}", flush=True)

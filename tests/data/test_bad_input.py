@@ -10,7 +10,7 @@ from pear_mega.data import DataConfig, DataError, load_examples
 
 
 def _cfg(path, **kw):
-    return DataConfig(files=[str(path)], tokenizer_path="unused", seq_length=256, **kw)
+    return DataConfig(train_files=[str(path)], tokenizer_path="unused", seq_length=256, **kw)
 
 
 def test_logprob_beyond_float32_is_refused_with_its_location(tokenizer, chat_row, write_jsonl):
@@ -55,6 +55,12 @@ def test_truncated_gzip_names_the_file_and_row(tokenizer, chat_row, tmp_path):
 
 
 def test_the_trainer_and_the_library_check_tokens_the_same_way_by_default():
-    from pear_mega.sft.config import DataConfig as SFTDataConfig
+    import dataclasses
 
-    assert _cfg("x.jsonl").token_check == SFTDataConfig().token_check == "decode"
+    from pear_mega.data.config import TOKEN_CHECK_DEFAULT
+    from pear_mega.sft.config import SFTConfig
+
+    # one config class, so one default: the trainer's data section is the library's DataConfig
+    (data_field,) = (f for f in dataclasses.fields(SFTConfig) if f.name == "data")
+    assert data_field.default_factory is DataConfig
+    assert _cfg("x.jsonl").token_check == DataConfig().token_check == TOKEN_CHECK_DEFAULT == "decode"

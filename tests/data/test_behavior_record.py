@@ -27,7 +27,7 @@ def test_loader_counts_behavior_records_and_pear_warns(tokenizer, chat_row, writ
     full = behavior_record("m", 1.0, 1.0, 0, LOGPROBS_MODE)
     rows = [chat_row("q", "Answer: 1", meta={"behavior": nucleus}), chat_row("q", "Answer: 2", meta={"behavior": full}),
             chat_row("q", "Answer: 3", meta={"behavior": nucleus}), chat_row("q", "Answer: 4")]
-    _, stats = load_examples(DataConfig(files=[write_jsonl(rows)], tokenizer_path="unused"), tokenizer)
+    _, stats = load_examples(DataConfig(train_files=[write_jsonl(rows)], tokenizer_path="unused"), tokenizer)
     counts = {json.dumps(nucleus, sort_keys=True): 2, json.dumps(full, sort_keys=True): 1}
     assert stats.behaviors == counts
     pairs = [(json.loads(k), n) for k, n in stats.behaviors.items()]

@@ -129,7 +129,7 @@ def test_generated_rows_load_as_training_packs(tokenizer, tempered, tmp_path):
     rows, _ = tempered
     path = str(tmp_path / "behavior.jsonl")
     write_jsonl(path, rows)
-    src = PackSource(files=[path], tokenizer_path="unused", seq_length=1024, token_check="decode",
+    src = PackSource(train_files=[path], tokenizer_path="unused", seq_length=1024, token_check="decode",
                      cache_dir=str(tmp_path / "hf"), tokenizer=tokenizer, shuffle=False)
     pack = src.next_pack()
     stored = [lp for r in rows for lp in r["messages"][-1]["logprobs"]]

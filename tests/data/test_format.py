@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pear_mega.data import DataConfig, DataError, load_examples, parse_row
+from pear_mega.data import DataConfig, DataError, PackSource, build_packs, load_examples, parse_row
 
 
 def _with(row, **changes):
@@ -51,7 +51,7 @@ def test_nan_in_file_names_file_row_field(tokenizer, chat_row, write_jsonl, tmp_
     good = chat_row("q", "Answer: 1")
     bad = _with(chat_row("q", "Answer: 22"), logprobs=[-0.1, float("nan"), -0.3, -0.4, -0.5, -0.6])
     path = write_jsonl([good, bad])
-    cfg = DataConfig(files=[path], tokenizer_path="unused", seq_length=256, cache_dir=str(tmp_path / "hf"))
+    cfg = DataConfig(train_files=[path], tokenizer_path="unused", seq_length=256, cache_dir=str(tmp_path / "hf"))
     with pytest.raises(DataError, match=rf"{path}: row 1: field 'messages\[1\]\.logprobs': element 1 is nan: "
                                         r"log-probs must be finite"):
         load_examples(cfg, tokenizer)
@@ -61,7 +61,7 @@ def test_broken_json_line_is_a_bad_row(tokenizer, chat_row, tmp_path):
     path = tmp_path / "broken.jsonl"
     good = json.dumps(chat_row("q", "Answer: 1"))
     path.write_text(good + "\n\n" + '{"messages": [' + "\n" + good + "\n")
-    cfg = DataConfig(files=[str(path)], tokenizer_path="unused", seq_length=256)
+    cfg = DataConfig(train_files=[str(path)], tokenizer_path="unused", seq_length=256)
     with pytest.raises(DataError, match=rf"{path}: row 1: line 3 is not valid JSON"):
         load_examples(cfg, tokenizer)
     examples, stats = load_examples(DataConfig(**{**cfg.__dict__, "skip_bad_rows": True}), tokenizer)
@@ -72,7 +72,7 @@ def test_logprobs_are_read_exactly(tokenizer, chat_row, write_jsonl):
     # Values with many digits at many scales: the float32 stored must be the float32 of the value written.
     lps = [-4.8592769656281265e-05, -0.008444218515250481, -12.345678901234, -3.0000001e-09, -0.5, -7.77777777]
     path = write_jsonl([chat_row("q", "Answer: 42", logprobs=lps)])
-    (ex,), _ = load_examples(DataConfig(files=[path], tokenizer_path="unused"), tokenizer)
+    (ex,), _ = load_examples(DataConfig(train_files=[path], tokenizer_path="unused"), tokenizer)
     assert ex.behavior_logprobs[ex.labels != -100].tolist() == torch.tensor(lps, dtype=torch.float32).tolist()
 
 
@@ -87,7 +87,7 @@ def test_skip_bad_rows_counts_by_reason(tokenizer, chat_row, write_jsonl, tmp_pa
         chat_row("q", "Answer: 8"),
     ]
     path = write_jsonl(rows)
-    cfg = DataConfig(files=[path], tokenizer_path="unused", seq_length=64, skip_bad_rows=True,
+    cfg = DataConfig(train_files=[path], tokenizer_path="unused", seq_length=64, skip_bad_rows=True,
                      cache_dir=str(tmp_path / "hf"))
     examples, stats = load_examples(cfg, tokenizer)
     assert [e.source for e in examples] == [f"{path}:0", f"{path}:6"]
@@ -102,7 +102,7 @@ def test_truncate_drops_rows_left_without_loss_tokens(tokenizer, chat_row, write
     long_prompt = chat_row("word " * 80, "Answer: 1")  # the answer starts after position 64
     long_answer = chat_row("q", "Answer: 2 " + "and more " * 80)
     path = write_jsonl([long_prompt, long_answer])
-    cfg = DataConfig(files=[path], tokenizer_path="unused", seq_length=64, truncate=True,
+    cfg = DataConfig(train_files=[path], tokenizer_path="unused", seq_length=64, truncate=True,
                      cache_dir=str(tmp_path / "hf"))
     examples, stats = load_examples(cfg, tokenizer)
     assert len(examples) == 1 and examples[0].source == f"{path}:1"
@@ -121,8 +121,8 @@ def test_parquet_and_jsonl_agree(tokenizer, chat_row, write_jsonl, tmp_path):
     parquet = str(tmp_path / "data.parquet")
     pd.DataFrame(rows).to_parquet(parquet)
     cache = str(tmp_path / "hf")
-    a, _ = load_examples(DataConfig(files=[jsonl], tokenizer_path="unused", cache_dir=cache), tokenizer)
-    b, _ = load_examples(DataConfig(files=[parquet], tokenizer_path="unused", cache_dir=cache), tokenizer)
+    a, _ = load_examples(DataConfig(train_files=[jsonl], tokenizer_path="unused", cache_dir=cache), tokenizer)
+    b, _ = load_examples(DataConfig(train_files=[parquet], tokenizer_path="unused", cache_dir=cache), tokenizer)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert x.tokens.tolist() == y.tokens.tolist() and x.labels.tolist() == y.labels.tolist()
@@ -130,13 +130,21 @@ def test_parquet_and_jsonl_agree(tokenizer, chat_row, write_jsonl, tmp_path):
 
 
 def test_data_config_validation():
-    with pytest.raises(ValueError, match="data.files must be a non-empty list"):
-        DataConfig(files="a.jsonl", tokenizer_path="t")
-    with pytest.raises(ValueError, match="data.tokenizer_path is required"):
-        DataConfig(files=["a.jsonl"])
+    with pytest.raises(ValueError, match="data.train_files must be a list"):
+        DataConfig(train_files="a.jsonl", tokenizer_path="t")
     with pytest.raises(ValueError, match="data.seq_length must be >= 8"):
-        DataConfig(files=["a.jsonl"], tokenizer_path="t", seq_length=4)
+        DataConfig(train_files=["a.jsonl"], tokenizer_path="t", seq_length=4)
     with pytest.raises(ValueError, match="data.token_check must be one of"):
-        DataConfig(files=["a.jsonl"], tokenizer_path="t", token_check="strict")
+        DataConfig(train_files=["a.jsonl"], tokenizer_path="t", token_check="strict")
     with pytest.raises(DataError, match="unknown file type"):
-        load_examples(DataConfig(files=["a.csv"], tokenizer_path="t"), tokenizer=object())
+        load_examples(DataConfig(train_files=["a.csv"], tokenizer_path="t"), tokenizer=object())
+
+
+def test_nothing_to_load_is_refused_before_loading_naming_the_key():
+    # A trainer nests an empty DataConfig and fills it in later, so these are load-time checks.
+    with pytest.raises(ValueError, match="data.train_files is required"):
+        load_examples(DataConfig(tokenizer_path="t"), tokenizer=object())
+    with pytest.raises(ValueError, match="data.tokenizer_path is required"):
+        build_packs(DataConfig(train_files=["a.jsonl"]))
+    with pytest.raises(ValueError, match="data.tokenizer_path is required"):
+        PackSource(train_files=["a.jsonl"])

@@ -96,7 +96,7 @@ def data_file(tmp_path_factory, tokenizer):
 @pytest.fixture
 def source(data_file, tokenizer, tmp_path):
     def make(seed=1, dp_rank=0, dp_size=1):
-        return PackSource(files=[data_file], tokenizer_path="unused", seq_length=96, seed=seed,
+        return PackSource(train_files=[data_file], tokenizer_path="unused", seq_length=96, seed=seed,
                           dp_rank=dp_rank, dp_size=dp_size, cache_dir=str(tmp_path / "hf"), tokenizer=tokenizer)
     return make
 

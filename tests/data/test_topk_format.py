@@ -101,11 +101,11 @@ def test_prompt_response_rows_and_vocabulary(tokenizer, chat_row, write_jsonl):
     bad = json.loads(json.dumps(row))
     bad["response_topk_ids"][2][1] = len(tokenizer) + 5
     path = write_jsonl([row, bad])
-    cfg = DataConfig(files=[path], tokenizer_path="unused", seq_length=256)
+    cfg = DataConfig(train_files=[path], tokenizer_path="unused", seq_length=256)
     with pytest.raises(DataError, match=rf"{path}: row 1: field 'response_topk_ids\[2\]': token id "
                                         rf"{len(tokenizer) + 5} is outside the tokenizer's vocabulary"):
         load_examples(cfg, tokenizer)
-    examples, stats = load_examples(DataConfig(files=[path], tokenizer_path="unused", seq_length=256,
+    examples, stats = load_examples(DataConfig(train_files=[path], tokenizer_path="unused", seq_length=256,
                                                skip_bad_rows=True), tokenizer)  # fmt: skip
     assert len(examples) == 1 and stats.skipped == {"invalid_value": 1}
 
@@ -133,7 +133,7 @@ def test_packs_carry_the_top_k_shifted_with_the_labels(tokenizer, chat_row, writ
     with_topk["messages"][1]["topk_logprobs"][1] = [0.0005]  # a hair above 0: clamped to 0
     plain = chat_row("q2", "Answer: 7")
     path = write_jsonl([with_topk, plain])
-    cfg = DataConfig(files=[path], tokenizer_path="unused", seq_length=256, shuffle=False)
+    cfg = DataConfig(train_files=[path], tokenizer_path="unused", seq_length=256, shuffle=False)
     packs, _ = build_packs(cfg, tokenizer)
     assert len(packs) == 1
     pack = packs[0].as_dict()
@@ -152,10 +152,10 @@ def test_packs_carry_the_top_k_shifted_with_the_labels(tokenizer, chat_row, writ
     assert (ids[off] == -1).all() and (lps[off] == 0).all()  # context, the plain row and the pad tail
     changed = json.loads(json.dumps(with_topk))
     changed["messages"][1]["topk_logprobs"][0][0] -= 0.5
-    other, _ = build_packs(DataConfig(files=[write_jsonl([changed, plain], "b.jsonl")], tokenizer_path="unused",
+    other, _ = build_packs(DataConfig(train_files=[write_jsonl([changed, plain], "b.jsonl")], tokenizer_path="unused",
                                       seq_length=256, shuffle=False), tokenizer)  # fmt: skip
     assert fingerprint(other) != fingerprint(packs)
-    assert "topk_ids" not in build_packs(DataConfig(files=[write_jsonl([plain], "c.jsonl")], tokenizer_path="unused",
+    assert "topk_ids" not in build_packs(DataConfig(train_files=[write_jsonl([plain], "c.jsonl")], tokenizer_path="unused",
                                                     seq_length=256), tokenizer)[0][0].as_dict()  # fmt: skip
 
 

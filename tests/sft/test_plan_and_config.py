@@ -58,3 +58,23 @@ def test_overrides_are_typed_and_validated():
         apply_overrides(cfg, ["train.steps=three"])
     with pytest.raises(ValueError, match="unknown sft recipe"):
         RECIPES.build("nope")
+
+
+def test_data_keys_are_the_data_pipelines_and_the_tokenizer_defaults_to_the_model():
+    from pear_mega.data import DataConfig
+
+    cfg = RECIPES.build("debug_sft", ['data.train_files=["a.jsonl","b.parquet"]', "data.seq_length=128",
+                                      "data.token_check=retokenize", "data.skip_bad_rows=true", "data.seed=7"])
+    assert type(cfg.data) is DataConfig
+    assert cfg.data.train_files == ("a.jsonl", "b.parquet") and cfg.data.seq_length == 128
+    assert cfg.data.token_check == "retokenize" and cfg.data.skip_bad_rows and cfg.data.seed == 7
+    source = cfg.data_source()  # what the trainer loads
+    assert source.tokenizer_path == cfg.model.hf_path and source.train_files == cfg.data.train_files
+    assert apply_overrides(cfg, ["data.tokenizer_path=tok"]).data_source().tokenizer_path == "tok"
+    # validation errors name the key
+    with pytest.raises(ValueError, match="data.token_check must be one of"):
+        apply_overrides(cfg, ["data.token_check=strict"])
+    with pytest.raises(ValueError, match="data.seq_length must be >= 8"):
+        apply_overrides(cfg, ["data.seq_length=4"])
+    with pytest.raises(ValueError, match="data.train_files is required"):
+        apply_overrides(cfg, ["data.train_files=[]"])

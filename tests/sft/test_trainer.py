@@ -114,7 +114,7 @@ def test_pear_and_plain_sft_losses_match_an_independent_reference(sft_assets, tm
     from pear_mega.pear import PearConfig, reference_pear_loss
 
     hf = AutoModelForCausalLM.from_pretrained(sft_assets["model"], dtype=torch.float32).eval()
-    source = PackSource(files=[str(sft_assets["data"])], tokenizer_path=str(sft_assets["model"]),
+    source = PackSource(train_files=[str(sft_assets["data"])], tokenizer_path=str(sft_assets["model"]),
                         seq_length=128, seed=1234)
     packs = [source.next_pack() for _ in range(2)]
 

@@ -55,7 +55,7 @@ def _reference(assets, data):
     from pear_mega.pear import PearConfig
 
     hf = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
-    source = PackSource(files=[str(data)], tokenizer_path=str(assets["model"]), seq_length=128, seed=1234)
+    source = PackSource(train_files=[str(data)], tokenizer_path=str(assets["model"]), seq_length=128, seed=1234)
     kd = KDConfig(mode="topk_tail", nll_weight=0.25)
     total, count, sums = 0.0, 0, dict(kl=0.0, tail=0.0, p=0.0, q=0.0)
     for _ in range(2):
