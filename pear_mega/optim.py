@@ -71,7 +71,7 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.n
     """Wrap a megatron module in megatron's DDP (contiguous fp32 grad buffers).
 
     On CPU the linear layers then accumulate their weight gradients straight into the fp32 grad
-    buffer (``pear_mega.models.cpu_linear``; needs ``overlap_grad_reduce=False``, set here).
+    buffer (``pear_mega.cpu.linear``; needs ``overlap_grad_reduce=False``, set here).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -83,7 +83,7 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.n
     )
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     if not use_gpu():
-        from pear_mega.models.cpu_linear import enable_main_grad_accumulation
+        from pear_mega.cpu.linear import enable_main_grad_accumulation
 
         enable_main_grad_accumulation(model)
     return ddp
