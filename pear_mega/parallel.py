@@ -9,7 +9,7 @@ order ``tp-cp-ep-dp-pp``: ``world_size = tp * cp * dp * pp``, so ``dp`` is whate
     ...
     destroy_parallel()
 
-On CPU the backend is gloo and ``pear_mega.cpu_compat.apply_cpu_patches()`` is applied; on GPU it
+On CPU the backend is gloo and ``pear_mega.cpu.compat.apply_cpu_patches()`` is applied; on GPU it
 is nccl with ``torch.cuda.set_device(LOCAL_RANK)``.
 
 Seeds: python, numpy and torch get ``seed + 100 * pp_rank`` (megatron's convention: pipeline
@@ -156,7 +156,7 @@ def init_parallel(cfg: ParallelConfig) -> ParallelContext:
 
     gpu = use_gpu()
     if not gpu:
-        from pear_mega.cpu_compat import apply_cpu_patches
+        from pear_mega.cpu.compat import apply_cpu_patches
 
         apply_cpu_patches()
     backend = "nccl" if gpu else "gloo"
