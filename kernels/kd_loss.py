@@ -38,9 +38,7 @@ from pear_mega.kd import STUDENT_TAIL_FLOOR, KDConfig, KDLossOutput, _check_temp
 from pear_mega.pear import IGNORE_INDEX, PearConfig
 
 from .kd_torch import kd_row_stats_torch, scatter_slots_torch
-from .pear_loss import (
-    BACKENDS, _check_shapes, _check_values, _normalizer_tensor, all_gather_rows, loss_coefficients, pear_log_weights,
-)  # fmt: skip
+from .pear_loss import all_gather_rows, check_loss_inputs, loss_coefficients, pear_log_weights
 from .pear_torch import grad_torch
 
 _LOG_FLOOR = math.log(STUDENT_TAIL_FLOOR)
@@ -213,25 +211,13 @@ def fused_pear_kd_loss(
     if not isinstance(kd_config, KDConfig):
         raise ValueError(f"{name}: kd_config must be a KDConfig, got {type(kd_config).__name__}")
     _check_temperature(pear_config, name)
-    if backend not in BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if logits.is_cuda else "torch"
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    try:  # the checks shared with fused_pear_loss, reported under this function's name
-        _check_shapes(logits, labels, behavior_logprobs, cu_seqlens, vocab_start)
-        v_global = logits.shape[1] * tp_size if vocab_size is None else vocab_size
-        if not isinstance(v_global, int) or v_global < 1:
-            raise ValueError(f"fused_pear_loss: vocab_size must be a positive int, got {vocab_size!r}")
-        if check_inputs:
-            _check_values(labels, behavior_logprobs, cu_seqlens, v_global)
-        denom = _normalizer_tensor(normalizer, logits.device)
-    except ValueError as e:
-        raise ValueError(str(e).replace("fused_pear_loss:", f"{name}:")) from None
+    backend, v_global, n_valid, denom = check_loss_inputs(
+        name, logits, labels, behavior_logprobs, cu_seqlens, tp_group, vocab_start, normalizer, vocab_size,
+        backend, check_inputs,
+    )  # fmt: skip
     _check_topk_shapes(logits, topk_ids, topk_logprobs)
     if check_inputs:
         _check_topk_values(labels, topk_ids, topk_logprobs, v_global)
-    n_valid = max(0, min(logits.shape[1], v_global - vocab_start))
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     loss, logp, log_w, kd, p_mass, q_mass, tail = _FusedPearKDLoss.apply(

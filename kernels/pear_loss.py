@@ -200,20 +200,10 @@ def fused_pear_loss(
     """
     if not isinstance(config, PearConfig):
         raise ValueError(f"fused_pear_loss: config must be a PearConfig, got {type(config).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"fused_pear_loss: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if logits.is_cuda else "torch"
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    _check_shapes(logits, labels, behavior_logprobs, cu_seqlens, vocab_start)
-    V_local = logits.shape[1]
-    v_global = V_local * tp_size if vocab_size is None else vocab_size
-    if not isinstance(v_global, int) or v_global < 1:
-        raise ValueError(f"fused_pear_loss: vocab_size must be a positive int, got {vocab_size!r}")
-    n_valid = max(0, min(V_local, v_global - vocab_start))
-    if check_inputs:
-        _check_values(labels, behavior_logprobs, cu_seqlens, v_global)
-    denom = _normalizer_tensor(normalizer, logits.device)
+    backend, _, n_valid, denom = check_loss_inputs(
+        "fused_pear_loss", logits, labels, behavior_logprobs, cu_seqlens, tp_group, vocab_start, normalizer,
+        vocab_size, backend, check_inputs,
+    )  # fmt: skip
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     loss, logp, log_w, entropy = _FusedPearLoss.apply(
@@ -223,51 +213,82 @@ def fused_pear_loss(
     return PearLossOutput(loss=loss, logprobs=logp, log_weights=log_w, entropy=entropy)
 
 
-def _normalizer_tensor(normalizer, device) -> Tensor | None:
+def check_loss_inputs(
+    name: str, logits: Tensor, labels: Tensor, behavior_logprobs: Tensor, cu_seqlens: Tensor, tp_group,
+    vocab_start: int, normalizer, vocab_size: int | None, backend: str, check_inputs: bool,
+) -> tuple[str, int, int, Tensor | None]:
+    """The argument checks every fused loss shares (``fused_pear_loss``, ``fused_pear_kd_loss``),
+    each ValueError prefixed with ``name``: backend, shapes / dtypes / devices of the ``[T, V_local]``
+    logits and the ``[T]`` / ``[B+1]`` inputs, ``vocab_size``, then (``check_inputs``: one
+    device→host sync) label ids, behavior log-probs and cu_seqlens, then ``normalizer``.
+
+    Returns:
+        ``(backend, v_global, n_valid, denom)``: the backend with "auto" resolved (Triton for CUDA
+        logits), the global unpadded vocab (default V_local · TP size), how many of this shard's
+        columns are below it, and the normalizer as a 0-dim fp32 tensor (None = the default).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if logits.is_cuda else "torch"
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    _check_shapes(logits, labels, behavior_logprobs, cu_seqlens, vocab_start, name)
+    V_local = logits.shape[1]
+    v_global = V_local * tp_size if vocab_size is None else vocab_size
+    if not isinstance(v_global, int) or v_global < 1:
+        raise ValueError(f"{name}: vocab_size must be a positive int, got {vocab_size!r}")
+    if check_inputs:
+        _check_values(labels, behavior_logprobs, cu_seqlens, v_global, name)
+    denom = _normalizer_tensor(normalizer, logits.device, name)
+    return backend, v_global, max(0, min(V_local, v_global - vocab_start)), denom
+
+
+def _normalizer_tensor(normalizer, device, name: str) -> Tensor | None:
     if normalizer is None:
         return None
     if isinstance(normalizer, Tensor):
         if normalizer.dim() != 0:
-            raise ValueError(f"fused_pear_loss: normalizer must be 0-dim, got shape {tuple(normalizer.shape)}")
+            raise ValueError(f"{name}: normalizer must be 0-dim, got shape {tuple(normalizer.shape)}")
         return normalizer.detach().to(device=device, dtype=torch.float32)
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        raise ValueError(f"fused_pear_loss: normalizer must be a number or 0-dim tensor, got {normalizer!r}")
+        raise ValueError(f"{name}: normalizer must be a number or 0-dim tensor, got {normalizer!r}")
     if not (math.isfinite(normalizer) and normalizer > 0):
-        raise ValueError(f"fused_pear_loss: normalizer must be finite and > 0, got {normalizer!r}")
+        raise ValueError(f"{name}: normalizer must be finite and > 0, got {normalizer!r}")
     return torch.tensor(float(normalizer), dtype=torch.float32, device=device)
 
 
-def _check_shapes(logits, labels, behavior_logprobs, cu_seqlens, vocab_start) -> None:
+def _check_shapes(logits, labels, behavior_logprobs, cu_seqlens, vocab_start, name: str) -> None:
     if logits.dim() != 2:
-        raise ValueError(f"fused_pear_loss: logits must be [T, V_local], got shape {tuple(logits.shape)}")
+        raise ValueError(f"{name}: logits must be [T, V_local], got shape {tuple(logits.shape)}")
     if logits.dtype not in _FLOAT_LOGITS:
-        raise ValueError(f"fused_pear_loss: logits dtype must be fp32/bf16/fp16, got {logits.dtype}")
+        raise ValueError(f"{name}: logits dtype must be fp32/bf16/fp16, got {logits.dtype}")
     T, V_local = logits.shape
     if T == 0 or V_local == 0:
-        raise ValueError(f"fused_pear_loss: logits must be non-empty, got shape {tuple(logits.shape)}")
+        raise ValueError(f"{name}: logits must be non-empty, got shape {tuple(logits.shape)}")
     if labels.shape != (T,):
-        raise ValueError(f"fused_pear_loss: labels must have shape [{T}] (logits rows), got {tuple(labels.shape)}")
+        raise ValueError(f"{name}: labels must have shape [{T}] (logits rows), got {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"fused_pear_loss: labels must be int64 (or int32), got {labels.dtype}")
+        raise ValueError(f"{name}: labels must be int64 (or int32), got {labels.dtype}")
     if behavior_logprobs.shape != (T,):
         raise ValueError(
-            f"fused_pear_loss: behavior_logprobs must have shape [{T}], got {tuple(behavior_logprobs.shape)}"
+            f"{name}: behavior_logprobs must have shape [{T}], got {tuple(behavior_logprobs.shape)}"
         )
     if not behavior_logprobs.is_floating_point():
-        raise ValueError(f"fused_pear_loss: behavior_logprobs must be floating point, got {behavior_logprobs.dtype}")
+        raise ValueError(f"{name}: behavior_logprobs must be floating point, got {behavior_logprobs.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"fused_pear_loss: cu_seqlens must be [B+1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{name}: cu_seqlens must be [B+1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"fused_pear_loss: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    for name, t in (("labels", labels), ("behavior_logprobs", behavior_logprobs), ("cu_seqlens", cu_seqlens)):
+        raise ValueError(f"{name}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    for arg, t in (("labels", labels), ("behavior_logprobs", behavior_logprobs), ("cu_seqlens", cu_seqlens)):
         if t.device != logits.device:
-            raise ValueError(f"fused_pear_loss: {name} is on {t.device} but logits on {logits.device}")
+            raise ValueError(f"{name}: {arg} is on {t.device} but logits on {logits.device}")
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"fused_pear_loss: vocab_start must be an int >= 0, got {vocab_start!r}")
+        raise ValueError(f"{name}: vocab_start must be an int >= 0, got {vocab_start!r}")
 
 
-def _check_values(labels: Tensor, behavior_logprobs: Tensor, cu_seqlens: Tensor, v_global: int) -> None:
-    """Value checks gathered into one device→host transfer."""
+def _check_values(labels: Tensor, behavior_logprobs: Tensor, cu_seqlens: Tensor, v_global: int,
+                  name: str = "fused_pear_loss") -> None:
+    """Value checks gathered into one device→host transfer (errors prefixed with ``name``)."""
     T = labels.numel()
     mask = labels != IGNORE_INDEX
     bad_label = mask & ((labels < 0) | (labels >= v_global))
@@ -285,20 +306,20 @@ def _check_values(labels: Tensor, behavior_logprobs: Tensor, cu_seqlens: Tensor,
     any_label, i_label, label_value, any_beta, i_beta, cu_first, cu_last, any_step, i_step = flags
     if any_label:
         raise ValueError(
-            f"fused_pear_loss: labels[{i_label}] = {label_value} is outside [0, {v_global}) and is not -100"
+            f"{name}: labels[{i_label}] = {label_value} is outside [0, {v_global}) and is not -100"
         )
     if any_beta:
         value = behavior_logprobs[i_beta].item()
         raise ValueError(
-            f"fused_pear_loss: behavior_logprobs[{i_beta}] = {value} is not finite on a loss token "
+            f"{name}: behavior_logprobs[{i_beta}] = {value} is not finite on a loss token "
             f"(labels[{i_beta}] != -100)"
         )
     if cu_first != 0:
-        raise ValueError(f"fused_pear_loss: cu_seqlens[0] must be 0, got {cu_first}")
+        raise ValueError(f"{name}: cu_seqlens[0] must be 0, got {cu_first}")
     if cu_last != T:
-        raise ValueError(f"fused_pear_loss: cu_seqlens[-1] must equal T = {T}, got {cu_last}")
+        raise ValueError(f"{name}: cu_seqlens[-1] must equal T = {T}, got {cu_last}")
     if any_step:
         raise ValueError(
-            f"fused_pear_loss: cu_seqlens must be non-decreasing, but cu_seqlens[{i_step + 1}] < "
+            f"{name}: cu_seqlens must be non-decreasing, but cu_seqlens[{i_step + 1}] < "
             f"cu_seqlens[{i_step}]"
         )

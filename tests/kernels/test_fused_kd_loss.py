@@ -248,10 +248,11 @@ def test_eager_matches_reference_and_log_weights_export(backend):
 def _bad_call(backend="torch", **overrides):
     pack, ids, lp = _case([4, 5], 32, 3, seed=10, mask_frac=0.0, last_masked=False)
     args = dict(logits=pack.logits, labels=pack.labels, behavior_logprobs=pack.beta, topk_ids=ids,
-                topk_logprobs=lp, cu_seqlens=pack.cu, pear_config=PearConfig(), kd_config=KDConfig())  # fmt: skip
+                topk_logprobs=lp, cu_seqlens=pack.cu, pear_config=PearConfig(), kd_config=KDConfig(),
+                backend=backend)  # fmt: skip
     for key, value in overrides.items():
         args[key] = value(args[key].clone()) if callable(value) else value
-    return fused_pear_kd_loss(**args, backend=backend)
+    return fused_pear_kd_loss(**args)
 
 
 def _set(index, value):
@@ -280,6 +281,22 @@ def _set(index, value):
 )
 def test_bad_inputs(overrides, message):
     with pytest.raises(ValueError, match=message):
+        _bad_call(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(logits=lambda t: t[:, None]), r"logits must be \[T, V_local\]"),
+        (dict(behavior_logprobs=lambda t: t[:-1]), r"behavior_logprobs must have shape \[9\]"),
+        (dict(cu_seqlens=_set(0, 1)), r"cu_seqlens\[0\] must be 0"),
+        (dict(vocab_size=0), "vocab_size must be a positive int"),
+        (dict(normalizer=0.0), "normalizer must be finite and > 0"),
+        (dict(backend="cuda"), "backend must be one of"),
+    ],
+)
+def test_checks_shared_with_fused_pear_loss_name_this_function(overrides, message):
+    with pytest.raises(ValueError, match=rf"^fused_pear_kd_loss: {message}"):
         _bad_call(**overrides)
 
 
