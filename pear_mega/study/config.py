@@ -10,7 +10,11 @@ syntax as the trainers: ``study.seeds=[0,1,2] sft.train.steps=20 rl.rollout.n=8`
 
 Arms are named ``LEVEL`` or ``LEVEL_<m>x`` with LEVEL one of ``pear_mega.pear.LEVELS``:
 ``token`` is PEAR at token level, ``none_3x`` plain SFT with three times the SFT steps (a
-*stronger-SFT* arm). ``study.arm_overrides`` adds SFT overrides to single arms as JSON, e.g.
+*stronger-SFT* arm). A ``kd`` prefix makes a distillation arm: ``loss.kind=kd`` (the top-K KL to
+πβ, ``pear_mega.kd``) with the settings of ``sft.loss.kd``; ``kd`` is unweighted distillation,
+``kd_token`` its PEAR-weighted form, ``kd_token_3x`` with three times the steps. With a kd arm the
+behavior data also stores πβ's top-``behavior.kd_top_k`` log-probs of every answer token.
+``study.arm_overrides`` adds SFT overrides to single arms as JSON, e.g.
 ``'{"token": ["pear.gamma=0.99"]}'``.
 
 Models are HF directories or ``pretrained:NAME`` with NAME in ``PRETRAINED`` (built on first
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pear_mega.pear import LEVELS
@@ -29,28 +33,39 @@ from pear_mega.rl.config import RLConfig
 from pear_mega.sft.config import SFTConfig
 
 PRETRAINED = ("smollm2_135m_instruct", "tiny")
-_ARM = re.compile(r"^(?P<level>[a-z]+)(?:_(?P<mult>\d+)x)?$")
+_ARM = re.compile(r"^(?:(?P<kd>kd)(?:_(?P<kd_level>[a-z]+))?|(?P<level>[a-z]+))(?:_(?P<mult>\d+)x)?$")
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One SFT arm: a PEAR level and a multiple of the base SFT steps."""
+    """One SFT arm: a loss kind (``SFTConfig.loss.kind``), a PEAR level and a multiple of the base SFT steps."""
 
     name: str
     level: str
     steps_multiplier: int = 1
+    loss: str = "nll"
+
+    def sft_config(self, base: SFTConfig) -> SFTConfig:
+        """``base`` with this arm's loss kind, PEAR level and steps; every other setting (the
+        distillation's ``loss.kd`` included) is the study's."""
+        return replace(base, loss=replace(base.loss, kind=self.loss), pear=replace(base.pear, level=self.level),
+                       train=replace(base.train, steps=base.train.steps * self.steps_multiplier))
 
 
 def parse_arm(name: str, key: str = "study.arms") -> Arm:
-    """``token`` → Arm("token", "token", 1); ``none_3x`` → Arm("none_3x", "none", 3)."""
+    """``token`` → Arm("token", "token", 1); ``none_3x`` → Arm("none_3x", "none", 3);
+    ``kd`` → Arm("kd", "none", 1, "kd"); ``kd_token_3x`` → Arm("kd_token_3x", "token", 3, "kd")."""
     match = _ARM.match(name)
-    if not match or match["level"] not in LEVELS:
-        raise ValueError(f"{key}: unknown arm {name!r}; an arm is LEVEL or LEVEL_<m>x with LEVEL one of {LEVELS} "
-                         "(e.g. 'token', 'none_3x')")
+    level = ((match["kd_level"] or "none") if match["kd"] else match["level"]) if match else None
+    if level not in LEVELS:
+        raise ValueError(f"{key}: unknown arm {name!r}; an arm is [kd_]LEVEL[_<m>x] or kd[_<m>x] with LEVEL one of "
+                         f"{LEVELS} (e.g. 'token', 'none_3x', 'kd', 'kd_token')")
+    if match["kd_level"] == "none":  # one name per arm: 'kd' and 'kd_none' would be two runs of one setting
+        raise ValueError(f"{key}: write unweighted distillation as 'kd', not {name!r}")
     mult = int(match["mult"] or 1)
     if mult < 1:
         raise ValueError(f"{key}: arm {name!r} needs a step multiple >= 1")
-    return Arm(name, match["level"], mult)
+    return Arm(name, level, mult, "kd" if match["kd"] else "nll")
 
 
 def is_pretrained(spec: str) -> bool:
@@ -159,10 +174,15 @@ class BehaviorConfig:
     engine_seed: int = 0
     file: str = ""
     """An existing pear_mega.data file with πβ log-probs, used as it is instead of collecting."""
+    kd_top_k: int = 32
+    """πβ's K most likely tokens (ids and log-probs) stored per answer token for the kd arms; collected
+    only when ``study.arms`` has a kd arm (the other arms read the sampled tokens' log-probs only)."""
 
     def __post_init__(self):
         if self.shots < 0:
             raise ValueError(f"behavior.shots must be >= 0, got {self.shots}")
+        if self.kd_top_k < 0:
+            raise ValueError(f"behavior.kd_top_k must be >= 0, got {self.kd_top_k}")
         for name in ("prompts", "n", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"behavior.{name} must be >= 1, got {getattr(self, name)}")
@@ -229,6 +249,27 @@ class StudyConfig:
         if self.eval.seed in seeds:
             raise ValueError(f"eval.seed ({self.eval.seed}) must differ from behavior.task_seed and rl.task.seed: "
                              "the held-out prompts would not be held out")
+        self._check_arm_losses()
+
+    def _check_arm_losses(self) -> None:
+        """The arm names set ``sft.loss.kind``; a kd arm needs a top-K and a valid distillation config."""
+        if self.sft.loss.kind != "nll":
+            raise ValueError(f"sft.loss.kind must be 'nll' in a study, got {self.sft.loss.kind!r}: each arm's name sets "
+                             "it (kd arms, e.g. 'kd_token', use loss.kind=kd with the settings of sft.loss.kd)")
+        kd_arms = [arm for arm in map(parse_arm, self.study.arms) if arm.loss == "kd"]
+        if kd_arms and self.behavior.kd_top_k < 1:
+            raise ValueError(f"behavior.kd_top_k must be >= 1 with the kd arm(s) {[a.name for a in kd_arms]} "
+                             f"(they distil πβ's stored top-K), got {self.behavior.kd_top_k}")
+        for arm in kd_arms:
+            try:
+                arm.sft_config(self.sft)
+            except ValueError as exc:  # e.g. pear.target_temperature != 1, which the distillation loss refuses
+                raise ValueError(f"study.arms: arm {arm.name!r} (sft.loss.kind=kd): {exc}") from None
+
+    @property
+    def teacher_top_k(self) -> int:
+        """K of the top-K the behavior stage stores (0: no kd arm, none stored)."""
+        return self.behavior.kd_top_k if any(parse_arm(a).loss == "kd" for a in self.study.arms) else 0
 
     @property
     def task(self) -> str:
@@ -275,9 +316,20 @@ class StudyConfig:
             from pear_mega.config_tools import apply_overrides
 
             try:
-                apply_overrides(self.sft, overrides)
+                out = apply_overrides(self.sft, overrides)
             except ValueError as exc:
                 raise ValueError(f"study.arm_overrides[{arm!r}]: {exc}") from None
+            if out.loss.kind != self.sft.loss.kind:
+                raise ValueError(f"study.arm_overrides[{arm!r}]: loss.kind is set by the arm's name (a kd arm, e.g. "
+                                 "'kd_token', distils), not by an override")
+        if self.behavior.file and self.teacher_top_k:
+            from pear_mega.sft.losses import build_loss
+
+            kd = replace(self.sft, loss=replace(self.sft.loss, kind="kd"))
+            try:
+                build_loss(kd, vocab_size=0).check_data([self.behavior.file])
+            except ValueError as exc:
+                raise ValueError(f"behavior.file: the kd arms need a teacher top-K in it: {exc}") from None
 
 
 def _placeholder_model():

@@ -168,6 +168,10 @@ def history_last(history: Sequence[Mapping], key: str) -> float:
 SFT_WEIGHT_KEYS = ("pear/weight_mean", "pear/ess", "pear/clip_low_frac", "pear/clip_high_frac")
 """PEAR weight statistics logged per SFT step (``pear_mega.sft.trainer``; ``pear/ess`` is already the
 fraction (Σ G)² / (n Σ G²) over the step's n loss tokens, 1 = uniform weights)."""
+SFT_KD_KEYS = ("kd/kl", "kd/teacher_mass", "kd/student_mass", "kd/topk_overlap")
+"""Distillation statistics logged per SFT step by the kd arms (``pear_mega.sft.losses.PearKDLoss``):
+KL_t of ``loss.kd.mode`` per loss token, πβ's stored top-K mass P = Σ_i p_i, πθ's mass Q on the same
+ids, and the share of πβ's top-K ids among πθ's top-K (NaN, so left out, for the NLL arms)."""
 RL_LAST_KEYS = ("rollout/reward_mean", "drift/kl_to_init_k3", "update/cum_sparsity", "drift/param_rel_l2_to_init")
 """RL metrics reported at their last logged step (``pear_mega.rl.trainer`` / ``pear_mega.rl.metrics``)."""
 
@@ -177,7 +181,7 @@ def summarize_diagnostics(results: Mapping, level: float = 0.95) -> dict:
     the SFT steps, each RL metric at its last step, and the update alignment overall and per kind.
 
     Returns ``{arm: {"sft": {key: iv}, "rl": {key: iv}, "alignment": {"overall": iv, "per_kind":
-    {kind: iv}}}}`` where ``iv = {"mean", "lo", "hi", "n"}``; NaN values (a metric never logged, a
+    {kind: iv}}}}`` (``sft`` keys: ``SFT_WEIGHT_KEYS`` and ``SFT_KD_KEYS``) where ``iv = {"mean", "lo", "hi", "n"}``; NaN values (a metric never logged, a
     run without alignment) are left out of the seeds.
     """
     from pear_mega.study.stats import seed_interval
@@ -191,7 +195,8 @@ def summarize_diagnostics(results: Mapping, level: float = 0.95) -> dict:
         aligns = [r["alignment"] for r in runs if r.get("alignment")]
         kinds = [k for k in KINDS if any(k in (a.get("per_kind") or {}) for a in aligns)]
         out[arm] = {
-            "sft": {k: iv([history_mean(r.get("sft_history") or [], k) for r in runs]) for k in SFT_WEIGHT_KEYS},
+            "sft": {k: iv([history_mean(r.get("sft_history") or [], k) for r in runs])
+                    for k in (*SFT_WEIGHT_KEYS, *SFT_KD_KEYS)},
             "rl": {k: iv([history_last(r.get("rl_history") or [], k) for r in runs]) for k in RL_LAST_KEYS},
             "alignment": {
                 "overall": iv([a.get("overall") for a in aligns]),

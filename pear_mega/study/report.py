@@ -207,6 +207,15 @@ def _diagnostics(results: Mapping, d: Mapping) -> list[str]:
              "pear/clip_high_frac": "at upper clip"}
     rows = [(arm, *(_mean_iv(d[arm]["sft"][k]) for k in diagnostics.SFT_WEIGHT_KEYS)) for arm in results["arms"]]
     lines += [*_table(("arm", *(names[k] for k in diagnostics.SFT_WEIGHT_KEYS)), rows), ""]
+    kd_arms = [arm for arm in results["arms"] if any(d[arm]["sft"][k]["n"] for k in diagnostics.SFT_KD_KEYS)]
+    if kd_arms:
+        names = {"kd/kl": "KL per token", "kd/teacher_mass": "πβ top-K mass P", "kd/student_mass": "πθ mass Q on it",
+                 "kd/topk_overlap": "top-K overlap"}
+        rows = [(arm, *(_mean_iv(d[arm]["sft"][k]) for k in diagnostics.SFT_KD_KEYS)) for arm in kd_arms]
+        lines += ["Distillation arms (loss.kind=kd): per run the mean over SFT steps of the KL to πβ's stored "
+                  "top-K, its mass P, πθ's mass Q on the same ids and the share of πβ's top-K among πθ's; "
+                  "then mean [95 % CI] over seeds.", "",
+                  *_table(("arm", *(names[k] for k in diagnostics.SFT_KD_KEYS)), rows), ""]
     lines += ["## Drift, sparsity and alignment during RL", "",
               "At the last logged RL step: reward, KL to the SFT checkpoint (k3), cumulative update sparsity "
               "(share of parameters unchanged since the RL start), ‖θ − θ_SFT‖ / ‖θ_SFT‖; alignment = "

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pear_mega.config_tools import to_dict
-from pear_mega.study.config import StudyConfig
+from pear_mega.study.config import StudyConfig, parse_arm
 from pear_mega.study.stages import (
     StudyError,
     StudyPlan,
@@ -101,12 +101,25 @@ def summary_table(plan: StudyPlan) -> str:
 
 def pear_weight_table(plan: StudyPlan) -> str:
     """PEAR weight statistics of each arm's SFT run (first seed), first and last step."""
-    seed = plan.cfg.study.seeds[0]
     keys = [("pear/weight_mean", "weight mean"), ("pear/weight_min", "min"), ("pear/weight_max", "max"),
             ("pear/ess", "ESS frac"), ("pear/clip_low_frac", "at low clip"), ("pear/clip_high_frac", "at high clip"),
             ("pear/delta_clip_frac", "δ clipped"), ("train/nll", "NLL")]
+    return _sft_table(plan, plan.cfg.study.arms, keys)
+
+
+def kd_table(plan: StudyPlan) -> str:
+    """Distillation statistics of each kd arm's SFT run (first seed), first and last step ('' without kd arms)."""
+    arms = [arm for arm in plan.cfg.study.arms if parse_arm(arm).loss == "kd"]
+    keys = [("kd/kl", "KL"), ("kd/kl_tail", "KL tail"), ("kd/teacher_mass", "πβ top-K mass"),
+            ("kd/student_mass", "πθ mass on it"), ("kd/topk_overlap", "top-K overlap"), ("train/nll", "NLL")]
+    return _sft_table(plan, arms, keys) if arms else ""
+
+
+def _sft_table(plan: StudyPlan, arms, keys: list[tuple[str, str]]) -> str:
+    """Markdown table of SFT metrics ``keys`` ((key, column name)) at the first and last step of each arm (first seed)."""
+    seed = plan.cfg.study.seeds[0]
     lines = ["| arm | step | " + " | ".join(n for _, n in keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for arm in plan.cfg.study.arms:
+    for arm in arms:
         path = plan.run_dir("sft", arm, seed) / "metrics.jsonl"
         if not path.is_file():
             continue
@@ -147,6 +160,8 @@ def run_study(cfg: StudyConfig, *, recipe: str, command: str, until: str | None 
         print_fn(f"\nstudy stopped: {exc}")
         return 1
     print_fn("\nPEAR weights during SFT (seed {}):\n{}".format(cfg.study.seeds[0], pear_weight_table(plan)))
+    if kd := kd_table(plan):
+        print_fn(f"\ndistillation during SFT (seed {cfg.study.seeds[0]}):\n{kd}")
     if until is None or report_only:
         print_fn("\nmean pass@k over seeds, before → after the identical GRPO run:\n" + summary_table(plan))
     if paths:

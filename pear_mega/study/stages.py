@@ -10,8 +10,10 @@ The chain, per seed and arm (every stage a subprocess through a public entry poi
 output in ``logs/<stage>.log``)::
 
     behavior                 tools/collect_logprobs.py generate (πβ: model + k-shot prompt) → rows
-                             re-prompted with the student's prompt (demonstrations stripped)
+                             re-prompted with the student's prompt (demonstrations stripped);
+                             with a kd arm also πβ's top-K per answer token (--top-k K)
     sft/<arm>/seed<s>        python -m pear_mega.train_sft --recipe R ... pear.level=<level>
+                             (kd arms: ... loss.kind=kd)
     eval_pre/<arm>/seed<s>   pass@k of the SFT model (pear_mega.evaluation, engine seed s)
     rl/<arm>/seed<s>         python -m pear_mega.train_rl --recipe R ... model.hf_path=<SFT model>
     eval_post/<arm>/seed<s>  pass@k of the RL model on the same prompts
@@ -40,6 +42,7 @@ from pathlib import Path
 
 from pear_mega.config_tools import apply_overrides, to_dict
 from pear_mega.study.config import StudyConfig, is_pretrained, parse_arm
+from pear_mega.study.diagnostics import SFT_KD_KEYS
 
 KINDS = ("behavior", "sft", "eval_pre", "rl", "eval_post", "alignment")
 LOG_TAIL_LINES = 25
@@ -184,16 +187,13 @@ class StudyPlan:
 
     # -------------------------------------------------------------- configs
     def sft_config(self, arm_name: str, seed: int):
-        """The arm's SFTConfig: the study's ``sft`` with the arm's level, steps and data order."""
-        cfg = self.cfg.sft
-        arm = parse_arm(arm_name)
+        """The arm's SFTConfig: the study's ``sft`` with the arm's loss, level, steps and data order."""
+        cfg = parse_arm(arm_name).sft_config(self.cfg.sft)
         run = self.run_dir("sft", arm_name, seed)
         out = replace(
             cfg, name=f"{self.cfg.study.name}_sft_{arm_name}_seed{seed}",
             model=replace(cfg.model, hf_path=str(self.init_model)),
             data=replace(cfg.data, train_files=(str(self.behavior_file()),), seed=cfg.data.seed + seed),
-            pear=replace(cfg.pear, level=arm.level),
-            train=replace(cfg.train, steps=cfg.train.steps * arm.steps_multiplier),
             checkpoint=replace(cfg.checkpoint, dir=str(run / "ckpt"), save_interval=0, resume=False,
                                export_hf=str(self.sft_model(arm_name, seed))),
             logging=replace(cfg.logging, tensorboard_dir=str(run / "tb"), progress_bar=False),
@@ -225,10 +225,16 @@ class StudyPlan:
     def _build(self) -> None:
         cfg = self.cfg
         b = cfg.behavior
-        behavior_inputs = {"behavior": to_dict(b), "model": str(self.behavior_model), "task": cfg.task,
+        # kd_top_k enters the hash as "top_k" and only when it is collected: without a kd arm the
+        # data is the same whatever its value (and the studies from before the kd arms keep their
+        # hashes); with one, data collected without the top-K is never reused.
+        behavior = {k: v for k, v in to_dict(b).items() if k != "kd_top_k"}
+        behavior_inputs = {"behavior": behavior, "model": str(self.behavior_model), "task": cfg.task,
                            "task_config": cfg.rl.task.task_settings(), "student_shots": cfg.student_shots}
         if b.file:
             behavior_inputs["file_sha256"] = hashlib.sha256(Path(b.file).read_bytes()).hexdigest()
+        elif cfg.teacher_top_k:
+            behavior_inputs["top_k"] = cfg.teacher_top_k
         self._add(Stage("behavior", "behavior", behavior_inputs,
                         [self.behavior_file(), self.behavior_file().with_suffix(".json")], self._run_behavior,
                         workdirs=[self.behavior_file().with_name("behavior_teacher_prompt.jsonl")]))
@@ -291,6 +297,8 @@ class StudyPlan:
                    "--cpu-kv-cache-gib", str(cfg.rl.rollout.kv_cache_gib)]
             if b.system:
                 cmd += ["--system", b.system]
+            if cfg.teacher_top_k:  # the kd arms' targets, kept through restrict_to_student_prompt
+                cmd += ["--top-k", str(cfg.teacher_top_k)]
             _run_process(cmd, log, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
             from pear_mega.data import read_rows, write_jsonl
 
@@ -570,12 +578,13 @@ def probe_summary(plan: StudyPlan) -> dict:
     meta = plan.behavior_file().with_suffix(".json")
     if meta.is_file():
         out["behavior"] = json.loads(meta.read_text())
-    keys = ("pear/ess", "pear/weight_mean", "pear/weight_min", "pear/weight_max", "pear/clip_low_frac",
-            "pear/clip_high_frac", "pear/delta_clip_frac", "train/nll", "train/loss")
+    pear_keys = ("pear/ess", "pear/weight_mean", "pear/weight_min", "pear/weight_max", "pear/clip_low_frac",
+                 "pear/clip_high_frac", "pear/delta_clip_frac", "train/nll", "train/loss")
     for arm in cfg.study.arms:
         hist = _read_jsonl(plan.run_dir("sft", arm, seed) / "metrics.jsonl")
         entry: dict = {}
         if hist:
+            keys = (*pear_keys, *SFT_KD_KEYS) if parse_arm(arm).loss == "kd" else pear_keys
             entry["sft_first"] = {k: hist[0].get(k) for k in keys}
             entry["sft_last"] = {k: hist[-1].get(k) for k in keys}
             entry["sft_mean"] = {k: sum(h.get(k, 0.0) for h in hist) / len(hist) for k in keys}

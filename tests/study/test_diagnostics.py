@@ -180,3 +180,17 @@ def test_summarize_diagnostics_by_hand():
     assert d["token"]["alignment"]["overall"]["n"] == 1 and d["token"]["alignment"]["overall"]["mean"] == -0.2
     assert list(d["token"]["alignment"]["per_kind"]) == ["mlp"]
     assert d["none"]["sft"]["pear/ess"]["n"] == 0
+
+
+def test_summarize_diagnostics_includes_the_kd_statistics_of_kd_arms():
+    results = {"arms": ["none", "kd_token"], "runs": [
+        {"arm": "kd_token", "seed": s, "sft_history": [{"step": 1, "kd/kl": kl, "kd/teacher_mass": 0.9},
+                                                       {"step": 2, "kd/kl": kl / 2, "kd/teacher_mass": 0.9}],
+         "rl_history": [], "alignment": None} for s, kl in ((0, 0.4), (1, 0.8))
+    ] + [{"arm": "none", "seed": 0, "sft_history": [{"step": 1, "pear/ess": 1.0}], "rl_history": [],
+          "alignment": None}]}
+    d = diagnostics.summarize_diagnostics(results)
+    kl = d["kd_token"]["sft"]["kd/kl"]  # per-run means 0.3 and 0.6
+    assert kl["n"] == 2 and kl["mean"] == pytest.approx(0.45)
+    assert d["kd_token"]["sft"]["kd/teacher_mass"]["mean"] == pytest.approx(0.9)
+    assert set(diagnostics.SFT_KD_KEYS) <= set(d["none"]["sft"]) and d["none"]["sft"]["kd/kl"]["n"] == 0

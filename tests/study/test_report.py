@@ -161,3 +161,28 @@ def test_verdict_rule(lo, hi, blo, bhi, expected):
         assert f"width {hi - lo:.3f}" in text
     single = verdict({**r, "n": 1, "lo": math.nan, "hi": math.nan}, "x")
     assert "single seed" in single and "**" not in single
+
+
+def test_kd_arm_is_reported_like_any_arm_with_its_distillation_statistics(tmp_path, results):
+    """A kd arm gets the paired difference against the baseline, and its SFT distillation
+    statistics (mean over steps, then over seeds) get their own table; NLL arms have none."""
+    results["arms"] = ["none", "kd_token"]
+    for run in _runs(results, "token"):
+        run["arm"] = "kd_token"
+        for i, h in enumerate(run["sft_history"]):
+            h.update({"kd/kl": 0.5 + 0.1 * i + 0.05 * run["seed"], "kd/teacher_mass": 0.9, "kd/student_mass": 0.4,
+                      "kd/topk_overlap": 0.25})
+    md = write_report(copy.deepcopy(results), tmp_path)["report.md"].read_text()
+    diffs = [_pass1(t, "post", "leg_counting") - _pass1(n, "post", "leg_counting")
+             for t, n in zip(_runs(results, "kd_token"), _runs(results, "none"))]
+    m, lo, hi = _seed_ci(diffs)
+    assert f"| kd_token − none | post | leg_counting | pass@1 | 3 | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] |" in md
+    kl = [sum(h["kd/kl"] for h in r["sft_history"]) / len(r["sft_history"]) for r in _runs(results, "kd_token")]
+    m, lo, hi = _seed_ci(kl)
+    assert re.search(rf"^\| kd_token \| {m:.3f} \[{lo:.3f}, {hi:.3f}\] \| 0\.900 ", md, re.M), md
+    assert not re.search(r"^\| none \| n/a \| n/a", md, re.M)  # the NLL arm has no row in that table
+    assert "Distillation arms (loss.kind=kd)" in md
+
+
+def test_report_without_kd_arm_has_no_distillation_table(tmp_path, results):
+    assert "Distillation arms" not in write_report(results, tmp_path)["report.md"].read_text()

@@ -73,6 +73,22 @@ def test_arm_names():
         parse_arm("tokens")
 
 
+@pytest.mark.parametrize("name, level, mult, loss", [
+    ("kd", "none", 1, "kd"), ("kd_token", "token", 1, "kd"), ("kd_sequence_3x", "sequence", 3, "kd"),
+    ("kd_2x", "none", 2, "kd"), ("block", "block", 1, "nll"),
+])
+def test_kd_arm_names(name, level, mult, loss):
+    arm = parse_arm(name)
+    assert (arm.name, arm.level, arm.steps_multiplier, arm.loss) == (name, level, mult, loss)
+
+
+@pytest.mark.parametrize("name, message", [("kd_none", "write unweighted distillation as 'kd'"),
+                                           ("kd_tokens", "unknown arm 'kd_tokens'"), ("kdtoken", "unknown arm")])
+def test_bad_kd_arm_names_are_refused(name, message):
+    with pytest.raises(ValueError, match=f"study.arms: {message}"):
+        parse_arm(name)
+
+
 @pytest.mark.parametrize("override, key", [
     ("study.arms=[none,foo]", "study.arms"),
     ("study.baseline=block", "study.baseline"),
@@ -87,7 +103,26 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, capsys, override, key):
     assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["study.arms=[none,kd_token]", "behavior.kd_top_k=0"], "behavior.kd_top_k"),  # nothing to distil
+    (["behavior.kd_top_k=-1"], "behavior.kd_top_k"),
+    (["sft.loss.kind=kd"], "sft.loss.kind"),  # the arm names set the loss
+    (["sft.pear.target_temperature=0.5", "study.arms=[none,kd_token]"], "study.arms"),  # the KD loss refuses it
+    (["study.arms=[none,kd_none]"], "study.arms"),
+])
+def test_bad_kd_config_is_refused_naming_the_key(tmp_path, capsys, overrides, key):
+    assert study_main(["--recipe", "tiny_study", f"study.out_dir={tmp_path / 'study'}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bad configuration: ") and key in err, err
+    assert not (tmp_path / "study").exists()
+
+
+def test_kd_top_k_zero_is_fine_without_a_kd_arm(tmp_path):
+    assert _tiny(tmp_path, "behavior.kd_top_k=0").teacher_top_k == 0
+
+
 @pytest.mark.parametrize("override, key", [
+    ('study.arm_overrides={"token": ["loss.kind=kd"]}', "study.arm_overrides"),  # the name sets the loss
     ("behavior.model=/nonexistent/model", "behavior.model"),
     ('eval.shifted={"no_such_task": {}}', "eval.shifted"),
     ('eval.shifted={"products": {"max_digits": -3}}', "eval.shifted"),
@@ -120,6 +155,67 @@ def test_stage_commands_reproduce_the_study_configs(tmp_path):
     none = plan.sft_config("none", 0)
     assert replace(token, pear=none.pear, name=none.name, checkpoint=none.checkpoint, logging=none.logging) == none
     assert none.data.seed == cfg.sft.data.seed and plan.sft_config("none", 1).data.seed == cfg.sft.data.seed + 1
+
+
+def test_kd_arm_distils_with_the_studys_kd_settings(tmp_path):
+    """A kd arm's SFT is the study's ``sft`` with loss.kind=kd: its KD settings are ``sft.loss.kd``
+    (and the arm's own overrides); the command line rebuilds it; otherwise it equals the NLL arm."""
+    from pear_mega.sft.recipes import RECIPES as SFT
+
+    cfg = _tiny(tmp_path, "study.arms=[none,token,kd,kd_token_2x]", "sft.loss.kd.mode=topk_renorm",
+                'study.arm_overrides={"kd": ["loss.kd.nll_weight=0.1"]}')
+    plan = StudyPlan(cfg)
+    kd, kd_token, token = plan.sft_config("kd", 0), plan.sft_config("kd_token_2x", 0), plan.sft_config("token", 0)
+    assert kd.loss.kind == "kd" and kd.pear.level == "none" and kd.loss.kd.nll_weight == 0.1
+    assert kd_token.loss.kind == "kd" and kd_token.pear.level == "token" and kd_token.loss.kd.nll_weight == 0.0
+    assert kd.loss.kd.mode == kd_token.loss.kd.mode == token.loss.kd.mode == "topk_renorm"
+    assert kd_token.train.steps == 2 * token.train.steps
+    assert plan.sft_config("none", 0).loss.kind == token.loss.kind == "nll"
+    assert replace(kd_token, loss=token.loss, train=token.train, name=token.name, checkpoint=token.checkpoint,
+                   logging=token.logging) == token
+    for sft in (kd, kd_token):
+        assert apply_overrides(SFT.build(cfg.study.sft_recipe), overrides_for(SFT, cfg.study.sft_recipe, sft)) == sft
+
+
+def _behavior_command(plan: StudyPlan, monkeypatch) -> list[str]:
+    """The command the behavior stage runs (the process is not started)."""
+    import pear_mega.study.stages as stages
+
+    seen = []
+
+    def fake(cmd, log, env=None, cwd=None):
+        seen.append(cmd)
+        raise StudyError("not run")
+
+    monkeypatch.setattr(stages, "_run_process", fake)
+    with pytest.raises(StudyError, match="not run"):
+        plan.stages[0].run([plan.stages[0]], plan.dir / "behavior.log")
+    return seen[0]
+
+
+def test_behavior_stage_collects_the_top_k_only_for_a_kd_arm(tmp_path, monkeypatch):
+    plain = StudyPlan(_tiny(tmp_path))
+    assert "--top-k" not in _behavior_command(plain, monkeypatch)
+    # Without a kd arm the K is not collected, so it does not change the data (nor the hash).
+    assert StudyPlan(_tiny(tmp_path, "behavior.kd_top_k=5")).stages[0].hash == plain.stages[0].hash
+    kd = StudyPlan(_tiny(tmp_path, "study.arms=[none,kd_token]", "behavior.kd_top_k=5"))
+    cmd = _behavior_command(kd, monkeypatch)
+    assert cmd[cmd.index("--top-k") + 1] == "5"
+    # Data collected without the top-K (or with another K) is not reused for a kd arm.
+    assert kd.stages[0].hash != plain.stages[0].hash
+    assert StudyPlan(_tiny(tmp_path, "study.arms=[none,kd_token]")).stages[0].hash != kd.stages[0].hash
+    assert StudyPlan(_tiny(tmp_path, "study.arms=[none,kd]", "behavior.kd_top_k=5")).stages[0].hash == kd.stages[0].hash
+
+
+def test_behavior_file_without_top_k_is_refused_for_a_kd_arm(tmp_path, capsys):
+    data = tmp_path / "plain.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1"}, {
+        "role": "assistant", "content": "2", "token_ids": [17], "logprobs": [-0.1]}]}) + "\n")
+    args = ["--recipe", "tiny_study", f"study.out_dir={tmp_path / 'study'}", f"behavior.file={data}"]
+    assert study_main([*args, "study.arms=[none,kd]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bad configuration: behavior.file") and "topk_ids" in err, err
+    assert not (tmp_path / "study").exists()
 
 
 def test_stronger_sft_arm_multiplies_the_steps(tmp_path):
@@ -170,12 +266,18 @@ def test_skip_resume_and_rerun_only_what_changed(tmp_path):
     assert set(fifth.ran) == expected
 
 
-def test_a_changed_behavior_setting_reruns_everything_downstream(tmp_path):
+@pytest.mark.parametrize("override", [
+    "behavior.temperature=0.7",
+    # A first kd arm: the data is collected again, with the top-K, and every arm reruns on the new
+    # rows (the arms stay paired on the same data).
+    "study.arms=[none,token,kd_token]",
+])
+def test_a_changed_behavior_setting_reruns_everything_downstream(tmp_path, override):
     cfg = _tiny(tmp_path)
     plan = StudyPlan(cfg)
     FakeProcesses(plan)
     run_stages(plan, print_fn=_quiet)
-    plan = StudyPlan(_tiny(tmp_path, "behavior.temperature=0.7"))
+    plan = StudyPlan(_tiny(tmp_path, override))
     fake = FakeProcesses(plan)
     run_stages(plan, print_fn=_quiet)
     assert set(fake.ran) == {s.id for s in plan.stages}
