@@ -9,7 +9,7 @@ Both sides train the same pretrained weights on the same random token batch, wit
   ``fused_pear_loss`` (token level, in-place backward, as the SFT trainer calls it), megatron's
   optimizer through ``get_forward_backward_func`` and ``guarded_step``; each ``B x S`` batch is B
   packs of S tokens (B microbatches), as the SFT trainer runs it. On CPU: the linear layers of
-  ``pear_mega.models.cpu_linear`` (weight gradients accumulated into DDP's fp32 buffer; bf16
+  ``pear_mega.cpu.linear`` (weight gradients accumulated into DDP's fp32 buffer; bf16
   GEMMs and attention computed in fp32) and torch's fused AdamW kernel;
 - **HF**: ``AutoModelForCausalLM`` with ``attn_implementation="sdpa"``, ``F.cross_entropy``,
   ``torch.optim.AdamW`` with its defaults (the for-loop implementation on CPU), the B sequences

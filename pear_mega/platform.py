@@ -3,15 +3,13 @@
 ``use_gpu()`` decides between nccl/gloo, GPU/CPU tensors and bf16/fp32 defaults; ``te_available()``
 decides between megatron's Transformer Engine layer spec and its local (pure PyTorch) spec (a TE
 that is installed but broken is an error, not a silent fallback).
-Both are cached: the answer cannot change within a process. ``torch_threads`` scopes the CPU
-thread count of a block (engine work on CPU, the host-staging writes).
+Both are cached: the answer cannot change within a process. What runs only on CPU is in
+``pear_mega.cpu``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 
 @functools.cache
@@ -71,22 +69,6 @@ def te_version() -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` torch threads (None: unchanged), then restore the count."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quiet_fallback_warnings() -> None:

@@ -10,7 +10,7 @@ Layer spec, chosen once per model (and logged):
   unfused one materializes the ``[s, s]`` scores and fills the mask separately, which made it most of
   the gap to HF's training step on CPU (docs/benchmarks.md, "SFT step"). Packed
   sequences are expressed as a block-diagonal causal mask. The norms are cast to the model dtype.
-  On CPU the linear layers run ``pear_mega.models.cpu_linear`` (bf16 GEMMs in fp32, weight
+  On CPU the linear layers run ``pear_mega.cpu.linear`` (bf16 GEMMs in fp32, weight
   gradients accumulated into DDP's buffer), and ``SDPAttention`` computes bf16 attention in fp32.
 
 The model takes ``input_ids [1, s]`` and returns vocab-parallel logits ``[1, s, V_pad / tp]`` on the
@@ -277,7 +277,7 @@ def build_gpt_model(
     if ctx.device.type == "cuda":
         model = model.to(ctx.device)
     else:
-        from pear_mega.models.cpu_linear import install_cpu_linear
+        from pear_mega.cpu.linear import install_cpu_linear
 
         install_cpu_linear(model)
     model.pear_spec_layout = SPEC_TE if te else SPEC_LOCAL

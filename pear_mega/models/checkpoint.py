@@ -47,7 +47,7 @@ from pear_mega.models.mapping import (
     stage_tensor_maps,
     sync_tensor_maps,
 )
-from pear_mega.platform import torch_threads
+from pear_mega.cpu.threads import torch_threads
 
 if TYPE_CHECKING:
     from pear_mega.models.staging import HostStaging

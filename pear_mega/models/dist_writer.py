@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pear_mega.cpu.memory import heap_trimmer
 from pear_mega.models.arch import ModelArch
 from pear_mega.models.checkpoint import MODEL_PREFIX, CheckpointMeta, _write_pear_files
 from pear_mega.models.mapping import GATE_UP, REPLICATED, ROW, VOCAB, stage_tensor_maps
@@ -158,25 +159,6 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _malloc_trim():
-    """``trim()`` gives freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    A shard's tensors (a few MB each) and the transient full HF tensors they are cut from live on
-    the malloc heap; freed holes stay resident and tensors of other sizes do not fill them
-    exactly, so without trimming the resident set grows by a good fraction of a shard; trimmed
-    after every tensor it stays close to the live shard (docs/benchmarks.md, "Numbers cited by
-    the code").
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
 def save_checkpoint_streaming(
     rank_shards,
     ckpt_dir: str | os.PathLike,
@@ -232,7 +214,7 @@ def save_checkpoint_streaming(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     # The non-sharded part of a model-only state dict is empty (what dist_checkpointing.save writes).
     torch.save({}, ckpt_dir / COMMON_STATE_FNAME)
-    trim = _malloc_trim()
+    trim = heap_trimmer()
     ranks = [(pp_rank, tp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
     bar = None
     if progress:

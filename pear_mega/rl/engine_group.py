@@ -43,7 +43,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from pear_mega.platform import torch_threads, use_gpu
+from pear_mega.cpu.threads import torch_threads
+from pear_mega.platform import use_gpu
 
 T = TypeVar("T")
 

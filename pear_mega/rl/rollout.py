@@ -50,6 +50,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pear_mega.cpu.memory import keep_freed_memory
+from pear_mega.cpu.threads import keep_torch_threads
+
 LM_HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
 
@@ -93,8 +96,8 @@ class RolloutConfig:
     build the same engine with the same inputs (``pear_mega.rl.engine_group``)."""
     keep_freed_memory: bool = False
     """CPU (glibc): from the first refit on, this process keeps freed memory for reuse instead of
-    returning it to the OS, so refits stop page-faulting fresh buffers (``keep_freed_memory``;
-    process-wide). Off for a bare engine; the RL trainer turns it on (``rollout.keep_freed_memory``:
+    returning it to the OS, so refits stop page-faulting fresh buffers
+    (``pear_mega.cpu.memory.keep_freed_memory``; process-wide). Off for a bare engine; the RL trainer turns it on (``rollout.keep_freed_memory``:
     faster refits, the same step time, a larger process; docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
@@ -234,31 +237,6 @@ def checkpoint_tensor_names(model_dir: str | os.PathLike) -> set[str]:
             names.update(fh.keys())
     # rotary inverse frequencies are derived buffers that vLLM recomputes and never loads
     return {n for n in names if not n.endswith("rotary_emb.inv_freq")}
-
-
-def keep_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
-    """glibc: serve blocks up to ``max_block_bytes`` from the heap and never trim the heap, so
-    that memory freed by this process is reused rather than returned to the OS and page-faulted
-    in again. Process-wide and one-way (glibc cannot go back to its dynamic thresholds): the
-    process keeps its peak heap. Returns False where it does not apply (no glibc).
-
-    Why: every refit, vLLM allocates fresh parameters for
-    each layer and oneDNN packs each weight into a fresh buffer, freeing the old ones. glibc maps
-    blocks above its mmap threshold (dynamic, at most 32 MiB) straight from the OS and unmaps them
-    on free, so the four embedding-sized blocks of a refit (embedding and lm_head, loaded and
-    packed) are page-faulted from zero on every refit (the refit times with and without it are
-    in docs/benchmarks.md, "Weight refit"). vLLM preloads tcmalloc into its own CPU worker
-    processes for the same reason; an in-process engine shares the trainer's process, which
-    nothing preloads, and whose own allocations this changes too.
-    """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, max_block_bytes)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 @contextlib.contextmanager
@@ -424,10 +402,6 @@ class RolloutEngine:
         cfg = self.config
         # In-process engine: the refit passes tensor iterators, which cannot cross processes.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        threads_before = torch.get_num_threads()
-        set_num_threads = torch.set_num_threads
-        from vllm import LLM
-
         kwargs = {
             "model": cfg.model,
             "dtype": cfg.dtype,
@@ -453,17 +427,13 @@ class RolloutEngine:
         device = None
         if self.gpu:  # GPU path, not checked on GPU
             device = engine_device_index(cfg.tensor_parallel_size, self.launch_env, torch.cuda.current_device())
-        try:
-            tp_on_cpu = cfg.tensor_parallel_size > 1 and not self.gpu
-            uni_device = device if cfg.tensor_parallel_size == 1 else None
-            with self._dist.active(), _environ(self.launch_env), _distinct_cpu_shm_names(self.launch_env, tp_on_cpu), \
-                    _uni_executor_device(uni_device):
-                llm = LLM(**kwargs)
-        finally:
-            # vLLM's CPU worker lowers torch threads to 1 and replaces torch.set_num_threads with a
-            # no-op for the whole process; the trainer shares this process, so undo both.
-            torch.set_num_threads = set_num_threads
-            torch.set_num_threads(cfg.num_threads or threads_before)
+        tp_on_cpu = cfg.tensor_parallel_size > 1 and not self.gpu
+        uni_device = device if cfg.tensor_parallel_size == 1 else None
+        with keep_torch_threads(cfg.num_threads), self._dist.active(), _environ(self.launch_env), \
+                _distinct_cpu_shm_names(self.launch_env, tp_on_cpu), _uni_executor_device(uni_device):
+            from vllm import LLM
+
+            llm = LLM(**kwargs)
         if self.gpu and torch.cuda.current_device() != device:
             # the trainer's later allocations and NCCL calls would go to the wrong GPU
             raise RuntimeError(f"rollout engine start moved this process from cuda:{device} to "

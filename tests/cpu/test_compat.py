@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent(
     """
     import torch
-    from pear_mega.cpu_compat import apply_cpu_patches, patches_applied
+    from pear_mega.cpu.compat import apply_cpu_patches, patches_applied
 
     assert not torch.cuda.is_available()
     assert not patches_applied()

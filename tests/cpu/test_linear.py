@@ -1,6 +1,6 @@
 """The CPU training path of the local layer spec against megatron's own implementation.
 
-``pear_mega.models.cpu_linear`` replaces megatron's linear autograd function on CPU (bf16 GEMMs in
+``pear_mega.cpu.linear`` replaces megatron's linear autograd function on CPU (bf16 GEMMs in
 fp32, weight gradients accumulated into DDP's ``main_grad``), ``pear_mega.optim`` switches the
 optimizer to torch's fused AdamW and clips in place. Checked here, in a fresh interpreter (the CPU
 patches and megatron's parallel state are process-global), on tiny llama (tied embeddings) and
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
     from pear_mega.models import ModelArch, attention_inputs, build_gpt_model, load_hf_checkpoint
-    from pear_mega.models.cpu_linear import _linear_layers, cpu_linear
+    from pear_mega.cpu.linear import _linear_layers, cpu_linear
     from pear_mega.optim import OptimConfig, _clip_grads_, build_optimizer, wrap_ddp
     from pear_mega.parallel import ParallelConfig, init_parallel
 
