@@ -184,7 +184,7 @@ def test_engine_placement_layout():
 def test_engine_threads_take_the_waiting_ranks_cores(monkeypatch):
     import os
 
-    from pear_mega.platform import torch_threads
+    from pear_mega.cpu.threads import torch_threads
     from pear_mega.rl.engine_group import engine_threads_for
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
