@@ -1,10 +1,7 @@
 """Shared helpers for the fused PEAR distillation loss tests: random teacher top-K, the comparison
-with the reference and the tensor-parallel worker (a plain module, so that spawned ranks import it)."""
+with the reference and the tensor-parallel case runner (a plain module, so that spawned ranks import it)."""
 
 from __future__ import annotations
-
-import os
-from datetime import timedelta
 
 import torch
 
@@ -62,41 +59,16 @@ def compare_kd(out, ref, grad, ref_grad, dtype, prefix: str = "") -> None:
     assert_close(prefix + "grad", grad, ref_grad, *tol["grad"])
 
 
-def kd_tp_worker(rank: int, world: int, init_file: str, case_file: str, out_dir: str) -> None:
-    """One tensor-parallel rank: fused_pear_kd_loss on its vocab shard for every case and backend;
-    saves the loss, the per-token outputs and the shard gradient."""
-    import torch.distributed as dist
-
-    # gloo shares CPU tensors, so Triton runs under the interpreter (set before triton loads).
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
+def kd_tp_case(x: torch.Tensor, case: dict, tp_group, vocab_start: int, backend: str):
+    """``fused_pear_kd_loss`` of ``case`` on one rank's vocab shard ``x`` (a ``run_tp`` case runner)."""
     from pear_mega.kernels import KDConfig, fused_pear_kd_loss
     from pear_mega.pear import PearConfig
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
-        cases = torch.load(case_file, weights_only=False)
-        results = {}
-        for name, case in cases.items():
-            logits, shard = case["logits"], case["logits"].shape[1] // world
-            for backend in ("triton", "torch"):
-                x = logits[:, rank * shard : (rank + 1) * shard].clone().requires_grad_()
-                out = fused_pear_kd_loss(
-                    x, case["labels"], case["beta"], case["ids"], case["lp"], case["cu"],
-                    PearConfig(**case["pear"]), KDConfig(**case["kd"]), tp_group=dist.group.WORLD,
-                    vocab_start=rank * shard, vocab_size=case["vocab_size"], backend=backend,
-                )  # fmt: skip
-                out.loss.backward()
-                results[(name, backend)] = dict(
-                    loss=out.loss.detach(), logprobs=out.logprobs, log_weights=out.log_weights, kd=out.kd,
-                    teacher_mass=out.teacher_mass, student_mass=out.student_mass, kd_tail=out.kd_tail,
-                    grad=x.grad.clone(),
-                )  # fmt: skip
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return fused_pear_kd_loss(
+        x, case["labels"], case["beta"], case["ids"], case["lp"], case["cu"], PearConfig(**case["pear"]),
+        KDConfig(**case["kd"]), tp_group=tp_group, vocab_start=vocab_start, vocab_size=case["vocab_size"],
+        backend=backend,
+    )  # fmt: skip
 
 
 def aot_compile_kd(capability: int = 90) -> list[str]:

@@ -4,8 +4,10 @@ tensor-parallel worker (a plain module, so that spawned ranks can import it by n
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -89,17 +91,26 @@ def compare_outputs(out, ref, grad, ref_grad, dtype, prefix: str = "") -> None:
     assert_close(prefix + "grad", grad, ref_grad, *tol["grad"])
 
 
-def tp_worker(rank: int, world: int, init_file: str, case_file: str, out_dir: str) -> None:
-    """One tensor-parallel rank: runs fused_pear_loss on its vocab shard for every case and backend
-    and saves loss, per-token outputs and the shard gradient."""
+def pear_tp_case(x: torch.Tensor, case: dict, tp_group, vocab_start: int, backend: str):
+    """``fused_pear_loss`` of ``case`` on one rank's vocab shard ``x`` (a ``run_tp`` case runner)."""
+    from pear_mega.kernels import fused_pear_loss
+
+    return fused_pear_loss(
+        x, case["labels"], case["beta"], case["cu"], PearConfig(**case["config"]), tp_group=tp_group,
+        vocab_start=vocab_start, vocab_size=case["vocab_size"], backend=backend,
+    )  # fmt: skip
+
+
+def tp_worker(rank: int, world: int, init_file: str, case_file: str, out_dir: str, run_case) -> None:
+    """One tensor-parallel rank: ``run_case(x, case, tp_group, vocab_start, backend)`` on its vocab
+    shard ``x`` for every case and backend; saves the loss, every per-token output and the shard
+    gradient. ``run_case`` is a module-level function so that it reaches the spawned rank by name."""
     import torch.distributed as dist
 
     # Ranks share CPU tensors over gloo, so Triton runs under the interpreter even on a GPU machine
     # (set before pear_mega.kernels loads triton).
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
-    from pear_mega.kernels import fused_pear_loss
-
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
@@ -110,19 +121,37 @@ def tp_worker(rank: int, world: int, init_file: str, case_file: str, out_dir: st
             logits, shard = case["logits"], case["logits"].shape[1] // world
             for backend in ("triton", "torch"):
                 x = logits[:, rank * shard : (rank + 1) * shard].clone().requires_grad_()
-                out = fused_pear_loss(
-                    x, case["labels"], case["beta"], case["cu"], PearConfig(**case["config"]),
-                    tp_group=dist.group.WORLD, vocab_start=rank * shard, vocab_size=case["vocab_size"],
-                    backend=backend,
-                )  # fmt: skip
+                out = run_case(x, case, dist.group.WORLD, rank * shard, backend)
                 out.loss.backward()
-                results[(name, backend)] = dict(
-                    loss=out.loss.detach(), logprobs=out.logprobs, log_weights=out.log_weights,
-                    entropy=out.entropy, grad=x.grad.clone(),
-                )  # fmt: skip
+                results[(name, backend)] = {f.name: getattr(out, f.name).detach() for f in fields(out)}
+                results[(name, backend)]["grad"] = x.grad.clone()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def run_tp(cases: dict, tmp_path: Path, timeout_s: float, run_case=pear_tp_case, world: int = 2) -> list[dict]:
+    """Run ``cases`` (each with ``logits`` [T, V], split by columns) on ``world`` spawned gloo ranks
+    (``tp_worker``); returns each rank's ``{(case, backend): {output: tensor, "grad": shard grad}}``."""
+    import torch.multiprocessing as mp
+
+    case_file = tmp_path / "cases.pt"
+    torch.save(cases, case_file)
+    ctx = mp.start_processes(
+        tp_worker, args=(world, str(tmp_path / "init"), str(case_file), str(tmp_path), run_case),
+        nprocs=world, join=False, start_method="spawn",
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"TP ranks did not finish in {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def aot_compile_all(capability: int = 90) -> list[str]:

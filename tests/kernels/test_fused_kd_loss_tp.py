@@ -3,18 +3,15 @@ must equal the float64 reference and the single-rank result on the concatenated 
 backends): teacher ids spread over both shards, vocab padding over part of or all of rank 1's shard,
 and a peaked student whose top-K mass Q → 1 sits on either rank."""
 
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pear_mega.kd import KDConfig, reference_pear_kd_loss
 from pear_mega.kernels import fused_pear_kd_loss
 from pear_mega.pear import PearConfig
 
-from kd_kernel_helpers import KD_TOLERANCES, kd_tp_worker, make_topk  # isort: skip
-from pear_kernel_helpers import DEVICE, assert_close, make_pack  # isort: skip
+from kd_kernel_helpers import KD_TOLERANCES, kd_tp_case, make_topk  # isort: skip
+from pear_kernel_helpers import DEVICE, assert_close, make_pack, run_tp  # isort: skip
 
 WORLD = 2
 OUTPUTS = ("loss", "logprobs", "log_weights", "kd", "teacher_mass", "student_mass", "kd_tail")
@@ -54,31 +51,11 @@ def _build_cases():
     return cases
 
 
-def _spawn(case_file, tmp_path, timeout_s: float):
-    ctx = mp.start_processes(
-        kd_tp_worker, args=(WORLD, str(tmp_path / "init"), str(case_file), str(tmp_path)),
-        nprocs=WORLD, join=False, start_method="spawn",
-    )  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"TP ranks did not finish in {timeout_s} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(150)
 def test_tp2_matches_reference_and_tp1(tmp_path):
     cases = _build_cases()
-    case_file = tmp_path / "cases.pt"
-    torch.save(cases, case_file)
-    _spawn(case_file, tmp_path, timeout_s=130)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = run_tp(cases, tmp_path, timeout_s=130, run_case=kd_tp_case, world=WORLD)
     tol = KD_TOLERANCES[torch.float32]
     for name, case in cases.items():
         pear, kd = PearConfig(**case["pear"]), KDConfig(**case["kd"])

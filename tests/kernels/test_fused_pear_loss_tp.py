@@ -2,16 +2,13 @@
 equal the single-rank result on the concatenated logits (both backends), including vocab padding
 that covers part of, or all of, the last rank's shard."""
 
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pear_mega.kernels import fused_pear_loss
 from pear_mega.pear import PearConfig, reference_pear_loss
 
-from pear_kernel_helpers import DEVICE, TOLERANCES, assert_close, make_pack, tp_worker  # isort: skip
+from pear_kernel_helpers import DEVICE, TOLERANCES, assert_close, make_pack, run_tp  # isort: skip
 
 WORLD = 2
 CASES = {
@@ -39,31 +36,11 @@ def _build_cases():
     return cases
 
 
-def _spawn(case_file, tmp_path, timeout_s: float):
-    ctx = mp.start_processes(
-        tp_worker, args=(WORLD, str(tmp_path / "init"), str(case_file), str(tmp_path)),
-        nprocs=WORLD, join=False, start_method="spawn",
-    )  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"TP ranks did not finish in {timeout_s} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_tp2_matches_tp1(tmp_path):
     cases = _build_cases()
-    case_file = tmp_path / "cases.pt"
-    torch.save(cases, case_file)
-    _spawn(case_file, tmp_path, timeout_s=100)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = run_tp(cases, tmp_path, timeout_s=100, world=WORLD)
     tol = TOLERANCES[torch.float32]
     for name, case in cases.items():
         config = PearConfig(**case["config"])

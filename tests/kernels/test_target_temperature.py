@@ -5,17 +5,15 @@ Checked against an independent float64 computation of the tempered log-probs, th
 outputs and the gradient — and at tensor-parallel size 2 on gloo ranks.
 """
 
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pear_mega.kernels import fused_pear_loss
 from pear_mega.kernels.pear_torch import pear_loss_eager
 from pear_mega.pear import PearConfig, reference_log_weights, reference_pear_loss
 
-from pear_kernel_helpers import TOLERANCES, assert_close, compare_outputs, make_pack, tp_worker  # isort: skip
+from pear_kernel_helpers import TOLERANCES, assert_close, compare_outputs, make_pack, run_tp  # isort: skip
 
 BACKENDS = ["triton", "torch"]
 TEMPERATURES = [0.6, 1.7]
@@ -105,22 +103,7 @@ def test_tp2_at_temperature_matches_reference(tmp_path):
         pack = make_pack(seed=40 + i, device="cpu", **spec["pack"])
         cases[name] = dict(logits=pack.logits, labels=pack.labels, beta=pack.beta, cu=pack.cu,
                            config=spec["config"], vocab_size=None)  # fmt: skip
-    torch.save(cases, tmp_path / "cases.pt")
-    ctx = mp.start_processes(
-        tp_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "cases.pt"), str(tmp_path)),
-        nprocs=world, join=False, start_method="spawn",
-    )  # fmt: skip
-    deadline = time.monotonic() + 100
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError("TP ranks did not finish in 100 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ranks = run_tp(cases, tmp_path, timeout_s=100, world=world)
     tol = TOLERANCES[torch.float32]
     for name, case in cases.items():
         config = PearConfig(**case["config"])
