@@ -1,4 +1,4 @@
-"""Weight refit and rollout throughput of the colocated vLLM engine (``pear_mega.rl.rollout``).
+"""Weight refit and rollout throughput of the colocated vLLM engine (``pear_mega.engine``).
 
 Measures, for SmolLM2-135M-Instruct (or ``--model``):
 - refit: HF tensors (transformers model in this process) -> vLLM in place, per bucket size:
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     from pear_mega.data.prompts import reasoning_gym_prompts
     from pear_mega.platform import use_gpu
     from pear_mega.pretrained import smollm2_135m_instruct
-    from pear_mega.rl.rollout import RolloutConfig, RolloutEngine, hf_sequence_logprobs
+    from pear_mega.engine import RolloutConfig, RolloutEngine, hf_sequence_logprobs
 
     model_dir = str(args.model or smollm2_135m_instruct())
     dtype = getattr(torch, args.dtype)

@@ -99,7 +99,7 @@ def run(cfg: EvalConfig):
         results_table,
         write_results,
     )
-    from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
+    from pear_mega.engine import RolloutConfig, RolloutEngine
 
     suites = [reasoning_gym_suite(t, cfg.task_size, cfg.seed, cfg.num_shots, cfg.task_configs.get(t)) for t in cfg.tasks]
     suites += [math_suite(f, cfg.num_shots) for f in cfg.math_files]

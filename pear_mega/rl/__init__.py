@@ -1,24 +1,9 @@
-"""RL building blocks: policy losses and advantages (``algorithms``), verifiable rewards
-(``rewards``), the colocated vLLM rollout engine with weight refit (``rollout``), and update
-sparsity / drift metrics (``metrics``). vLLM is imported only when an engine is built.
+"""RL building blocks: policy losses and advantages (``algorithms``), advantage estimators
+(``estimators``), rollouts as training data (``experience``), update sparsity / drift metrics
+(``metrics``) and the trainer. The colocated vLLM engine is ``pear_mega.engine``, the weight sync
+``pear_mega.weight_sync``.
 """
 
 from pear_mega.rl.algorithms import GRPOConfig, PolicyLossConfig, PPOConfig
-from pear_mega.rl.rollout import (
-    RefitStats,
-    RefitVerificationError,
-    RolloutConfig,
-    RolloutEngine,
-    RolloutSample,
-)
 
-__all__ = [
-    "GRPOConfig",
-    "PPOConfig",
-    "PolicyLossConfig",
-    "RefitStats",
-    "RefitVerificationError",
-    "RolloutConfig",
-    "RolloutEngine",
-    "RolloutSample",
-]
+__all__ = ["GRPOConfig", "PPOConfig", "PolicyLossConfig"]

@@ -94,7 +94,7 @@ def _refit_and_compare(ctx, model, trainer_logps, model_dir: str, engine, probes
     from transformers import AutoModelForCausalLM
 
     from pear_mega.models import ModelArch, iter_hf_tensors
-    from pear_mega.rl.rollout import hf_sequence_logprobs
+    from pear_mega.engine import hf_sequence_logprobs
 
     tensors = iter_hf_tensors(model, ModelArch.from_hf(model_dir), ctx, dst=0, staging=staging)
     result = None
@@ -149,7 +149,7 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         assert HostStaging.unavailable(arch, torch.float32, ctx, readers=[0]) is None
         staging = HostStaging.create(arch, torch.float32, ctx, readers=[0])  # before the engine, like the trainer
         if rank == 0:
-            from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
+            from pear_mega.engine import RolloutConfig, RolloutEngine
 
             engine = RolloutEngine(RolloutConfig(model=model_dir, max_model_len=64, kv_cache_bytes=32 << 20))
         row = _refit_and_compare(*tp3, model_dir, engine, probes)
@@ -188,7 +188,7 @@ def _probe_ids(model_dir: str):
 def test_refit_parity_smollm2_tp3_staged_and_tp1():
     from pear_mega.models import ModelArch
     from pear_mega.pretrained import smollm2_135m_instruct
-    from pear_mega.rl.rollout import checkpoint_tensor_names
+    from pear_mega.engine import checkpoint_tensor_names
 
     model_dir = str(smollm2_135m_instruct())
     arch = ModelArch.from_hf(model_dir)

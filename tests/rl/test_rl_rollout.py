@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pear_mega.rl.rollout import (
+from pear_mega.engine import (
     RefitVerificationError,
     RolloutConfig,
     RolloutEngine,

@@ -27,7 +27,7 @@ def _rank_main(rank: int, port: int, model_dir: str, results) -> None:
         if rank == 0:
             from transformers import AutoModelForCausalLM
 
-            from pear_mega.rl.rollout import (
+            from pear_mega.engine import (
                 RolloutConfig,
                 RolloutEngine,
                 hf_sequence_logprobs,

@@ -9,23 +9,22 @@ trainer's log-probs after the last weight sync, and with ``--corrupt-refit-check
 refit verification raised after the policy was changed without a weight sync.
 """
 
-import argparse
-import json
+from runner_io import runner_args, write_result  # isort: skip
+
+
+def _flags(parser) -> None:
+    parser.add_argument("--recipe", default="debug_grpo")
+    parser.add_argument("--corrupt-refit-check", action="store_true")
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--recipe", default="debug_grpo")
-    parser.add_argument("--corrupt-refit-check", action="store_true")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = runner_args(_flags)
 
     import torch
 
     from pear_mega.models import unwrap_model
     from pear_mega.rl.recipes import RECIPES
-    from pear_mega.rl.rollout import RefitVerificationError
+    from pear_mega.engine import RefitVerificationError
     from pear_mega.rl.trainer import RLTrainer
 
     trainer = RLTrainer(RECIPES.build(args.recipe, args.overrides))
@@ -78,9 +77,7 @@ def main():
             result["corrupt_error"] = None
         except (RefitVerificationError, RuntimeError) as exc:
             result["corrupt_error"] = f"{type(exc).__name__}: {exc}"
-    if rank0:
-        with open(args.out, "w") as f:
-            json.dump(result, f)
+    write_result(trainer, args.out, result)
     trainer.close()
 
 

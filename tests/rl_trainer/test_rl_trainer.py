@@ -83,7 +83,7 @@ def grpo_engines(rl_model, tmp_path_factory):
 def _hf_probe_logprobs(export_dir, probes):
     from transformers import AutoModelForCausalLM
 
-    from pear_mega.rl.rollout import hf_sequence_logprobs
+    from pear_mega.engine import hf_sequence_logprobs
 
     hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     return [hf_sequence_logprobs(hf, p, r) for p, r in zip(probes["prompts"], probes["responses"])]

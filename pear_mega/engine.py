@@ -1,5 +1,8 @@
 """The rollout engine: vLLM colocated in the trainer process, with in-place weight refit.
 
+It serves both RL (rollouts, log-probs, refits: ``pear_mega.rl``) and evaluation (pass@k
+sampling: ``pear_mega.evaluate``), so it sits below both and imports neither.
+
 ``RolloutEngine`` wraps ``vllm.LLM`` running in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 ``distributed_executor_backend="uni"``), so tensors pass to the model without serialization.
 With ``tensor_parallel_size = R > 1`` the process is one of the engine's R workers (vLLM's
