@@ -266,7 +266,7 @@ class RLTrainer(TrainerCore):
     def _start_engine(self):
         """Engine ranks: the vLLM engine on the initial weights, the prompt source and the probes."""
         from pear_mega.rl.experience import PromptSource
-        from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
+        from pear_mega.engine import RolloutConfig, RolloutEngine
 
         ro, cfg = self.cfg.rollout, self.cfg
         config = RolloutConfig(
