@@ -606,7 +606,7 @@ def _eval_worker(spec_path: str) -> None:
 
     from pear_mega.evaluation import evaluate_suites, reasoning_gym_suite, results_table, write_results
     from pear_mega.models.checkpoint import SafetensorsReader
-    from pear_mega.rl.rollout import RolloutConfig, RolloutEngine
+    from pear_mega.engine import RolloutConfig, RolloutEngine
 
     runs = json.loads(Path(spec_path).read_text())["runs"]
     shared = ("suites", "size", "seed", "num_shots", "max_model_len")
