@@ -8,12 +8,13 @@ them (no vLLM: the batch is a fixed set of sequences); on it: the loss forward +
 recompute path (``algorithm.logprob_recompute=always``) and of the reuse path (``auto``) without an
 optimizer step, then ``train.steps`` = 3 steps of recompute → advantages → update → rollout
 metrics on the reuse path (``logging.kl_to_init_interval=2``). Writes losses, gradient differences,
-log π_old / entropy of both paths and the steps' metrics as JSON.
+log π_old / entropy of both paths (``logprob_reuse_runner.compare_paths``) and the steps' metrics as JSON.
 """
 
 import argparse
 import json
-from dataclasses import replace
+
+from logprob_reuse_runner import compare_paths, per_token  # isort: skip
 
 
 def build(model: str):
@@ -53,58 +54,17 @@ def sequences(vocab: int, groups: int = 2, n: int = 4):
     return seqs
 
 
-def loss_and_grads(trainer, seqs, recompute: str) -> dict:
-    """One forward + backward of the policy loss over ``seqs`` (no optimizer step)."""
-    from pear_mega.models import unwrap_model
-    from pear_mega.rl.experience import gather_from_pack, plan_microbatches
-
-    cfg = trainer.cfg
-    trainer.cfg = replace(cfg, algorithm=replace(cfg.algorithm, logprob_recompute=recompute))
-    try:
-        exp, flags = trainer.recompute(seqs)
-        trainer.advantages(seqs, exp)
-        packs = plan_microbatches(seqs, 0, 1, cfg.train.seq_length, trainer.pad_id)[0]
-        trainer._attach(packs, seqs, exp)
-        for chunk in trainer.policy:
-            chunk.zero_grad_buffer()
-        reduced = trainer._run_schedule(trainer.policy, packs, trainer._policy_loss, forward_only=False)
-        metrics, _ = trainer._reduce_metrics(reduced)
-        for pack, out in zip(packs, reduced if "old" in reduced[0] else []):
-            exp.logp_old.update(gather_from_pack(pack, out["old"]["logp"]))
-            exp.entropy.update(gather_from_pack(pack, out["old"]["entropy"]))
-        grads = {n: p.main_grad.detach().clone() for n, p in unwrap_model(trainer.policy[0]).named_parameters()}
-    finally:
-        trainer.cfg = cfg
-    return {"metrics": metrics, "grads": grads, "exp": exp, "recomputed": flags["train/logprob_recomputed"]}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    import torch
-
     from pear_mega.trainer_core import TrainerCore
 
     trainer = build(args.model)
     seqs = sequences(trainer.arch.vocab_size)
-    always = loss_and_grads(trainer, seqs, "always")
-    auto = loss_and_grads(trainer, seqs, "auto")
-
-    def flat(exp, key):
-        return torch.cat([getattr(exp, key)[i] for i in exp.ids]).tolist()
-
-    result = {
-        "recomputed": [always["recomputed"], auto["recomputed"]],
-        "metrics": [always["metrics"], auto["metrics"]],
-        "grad_max_abs_diff": max(float((g - auto["grads"][n]).abs().max()) for n, g in always["grads"].items()),
-        "grad_max_abs": max(float(g.abs().max()) for g in always["grads"].values()),
-        "grads_equal": all(torch.equal(g, auto["grads"][n]) for n, g in always["grads"].items()),
-        "logp_old": [flat(always["exp"], "logp_old"), flat(auto["exp"], "logp_old")],
-        "entropy": [flat(always["exp"], "entropy"), flat(auto["exp"], "entropy")],
-    }
+    result = compare_paths(trainer, seqs)
     # full updates on the reuse path: π_old and the entropy filled from their forward, before the step
     result["steps"] = []
     for step in range(trainer.cfg.train.steps):
@@ -113,7 +73,7 @@ def main():
         metrics.update(trainer.advantages(seqs, exp))
         metrics.update(trainer.update(seqs, exp))
         metrics.update(trainer._rollout_metrics(exp, have_old=True))
-        result["steps"].append({"metrics": metrics, "logp_old": flat(exp, "logp_old")})
+        result["steps"].append({"metrics": metrics, "logp_old": per_token(exp, "logp_old")})
     with open(args.out, "w") as f:
         json.dump(result, f)
     TrainerCore.close(trainer)  # no engine to close

@@ -10,9 +10,9 @@ rank's parameters (max over ranks), and log π_old / entropy of each path. Then 
 ``train.steps`` steps on the reuse path and the history is written too.
 """
 
-import argparse
-import json
 from dataclasses import replace
+
+from runner_io import runner_args, write_result  # isort: skip
 
 
 def loss_and_grads(trainer, seqs, recompute: str) -> dict:
@@ -41,33 +41,22 @@ def loss_and_grads(trainer, seqs, recompute: str) -> dict:
     return {"metrics": metrics, "grads": grads, "exp": exp, "recomputed": flags["train/logprob_recomputed"]}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-
+def compare_paths(trainer, seqs) -> dict:
+    """Both paths over ``seqs``: which one recomputed, their metrics, the largest gradient
+    difference and gradient (max over this rank's parameters, then over ranks), whether this rank's
+    gradients are bit-equal, and each path's log π_old / entropy per token."""
     import torch
     import torch.distributed as dist
 
-    from pear_mega.rl.recipes import RECIPES
-    from pear_mega.rl.trainer import RLTrainer
-
-    trainer = RLTrainer(RECIPES.build("debug_grpo", args.overrides))
-    seqs, _ = trainer.generate()
     always = loss_and_grads(trainer, seqs, "always")
     auto = loss_and_grads(trainer, seqs, "auto")
     grad_diff = torch.zeros(2, dtype=torch.float64)
     for name, g in always["grads"].items():
         grad_diff[0] = max(grad_diff[0], float((g - auto["grads"][name]).abs().max()))
         grad_diff[1] = max(grad_diff[1], float(g.abs().max()))
-    dist.all_reduce(grad_diff, op=dist.ReduceOp.MAX)
-
-    def per_token(exp, key):
-        values = getattr(exp, key)
-        return torch.cat([values[i] for i in exp.ids]).tolist() if exp.ids and values else []
-
-    result = {
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(grad_diff, op=dist.ReduceOp.MAX)
+    return {
         "recomputed": [always["recomputed"], auto["recomputed"]],
         "metrics": [always["metrics"], auto["metrics"]],
         "grad_max_abs_diff": float(grad_diff[0]), "grad_max_abs": float(grad_diff[1]),
@@ -75,10 +64,26 @@ def main():
         "logp_old": [per_token(always["exp"], "logp_old"), per_token(auto["exp"], "logp_old")],
         "entropy": [per_token(always["exp"], "entropy"), per_token(auto["exp"], "entropy")],
     }
+
+
+def per_token(exp, key: str) -> list[float]:
+    """``exp.<key>`` of every sequence, concatenated in ``exp.ids`` order ([] when empty)."""
+    import torch
+
+    values = getattr(exp, key)
+    return torch.cat([values[i] for i in exp.ids]).tolist() if exp.ids and values else []
+
+
+def main():
+    from pear_mega.rl.recipes import RECIPES
+    from pear_mega.rl.trainer import RLTrainer
+
+    args = runner_args()
+    trainer = RLTrainer(RECIPES.build("debug_grpo", args.overrides))
+    seqs, _ = trainer.generate()
+    result = compare_paths(trainer, seqs)
     result["history"] = trainer.train()
-    if trainer.ctx.rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(result, f)
+    write_result(trainer, args.out, result)
     trainer.close()
 
 

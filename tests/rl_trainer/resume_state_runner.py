@@ -4,16 +4,10 @@ state right after start-up (engine started, weights synced) is the one the check
     torchrun --nproc-per-node 1 tests/rl_trainer/resume_state_runner.py --out result.json -- dotted.key=value ...
 """
 
-import argparse
-import json
+from runner_io import runner_args, write_result  # isort: skip
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-
     import torch
     from safetensors.torch import load_file
 
@@ -21,14 +15,14 @@ def main():
     from pear_mega.rl.recipes import RECIPES
     from pear_mega.rl.trainer import RLTrainer
 
+    args = runner_args()
     cfg = RECIPES.build("debug_grpo", args.overrides)
     trainer = RLTrainer(cfg)
     now = torch.get_rng_state()
-    if trainer.ctx.rank == 0:
+    if trainer.ctx.rank == 0:  # rank 0's RNG file
         saved = load_file(str(latest_checkpoint(cfg.checkpoint.dir) / RNG_DIR / "pp0_tp0_cp0_dp0.safetensors"))
-        with open(args.out, "w") as f:
-            json.dump({"step": trainer.step, "torch_rng_restored": bool(torch.equal(now, saved["torch"])),
-                       "data_state": trainer.data_state}, f)
+        write_result(trainer, args.out, {"step": trainer.step, "data_state": trainer.data_state,
+                                         "torch_rng_restored": bool(torch.equal(now, saved["torch"]))})
     trainer.close()
 
 
