@@ -8,9 +8,10 @@ Code", Eq. 1): with n samples of a prompt of which c are correct,
 (the product form avoids the huge binomials), averaged over prompts. A sample is correct when its
 reward is at least ``correct_threshold`` (1.0: reasoning-gym's partial credit does not count).
 
-Suites: held-out reasoning-gym tasks (few-shot chat prompts from ``pear_mega.data.prompts``, a
-seed the training data does not use) and local math files in AIME format, one JSON object per
-line: ``{"problem": str, "answer": str | int}``.
+Suites: held-out reasoning-gym tasks (a seed the training data does not use) and local math files
+in AIME format, one JSON object per line: ``{"problem": str, "answer": str | int}``. Their prompts,
+few-shot demonstrations and scorer are those of the task registry (``pear_mega.tasks``), the
+ones RL trains on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pear_mega.data.prompts import MATH_DEMOS, gold_answer, iter_jsonl_objects
+from pear_mega.tasks import load_math_file, math_prompt, reasoning_gym_rows, verified_rewards
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for one prompt: n samples, c correct (see module docstring)."""
@@ -56,39 +57,18 @@ class EvalSuite:
 
 
 def reasoning_gym_suite(task: str, size: int, seed: int, num_shots: int = 2, config: Mapping | None = None) -> EvalSuite:
-    """``size`` prompts of a reasoning-gym task (2-shot chat prompts of ``pear_mega.data.prompts``)."""
-    from pear_mega.data.prompts import reasoning_gym_prompts
-
-    rows = reasoning_gym_prompts(task, size=size, seed=seed, num_shots=num_shots, **dict(config or {}))
-    return EvalSuite(task, [r["messages"] for r in rows], [r["meta"] for r in rows])
-
-
-def load_math_file(path: str | Path) -> list[dict]:
-    """Rows ``{"problem", "answer"}`` of an AIME-format jsonl file; errors name file, row and field."""
-    from pear_mega.rewards import math_parse
-
-    rows = []
-    for i, row in iter_jsonl_objects(path):
-        problem = row.get("problem")
-        if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{path}: row {i}: field 'problem' must be a non-empty string")
-        answer = gold_answer(row, path, i)
-        if not math_parse(answer):
-            raise ValueError(f"{path}: row {i}: field 'answer' {row['answer']!r} is not a parseable math answer")
-        rows.append({"problem": problem, "answer": answer})
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+    """``size`` prompts of a reasoning-gym task (``pear_mega.tasks.reasoning_gym_rows``)."""
+    rows = reasoning_gym_rows(task, size, seed, num_shots, dict(config or {}))
+    return EvalSuite(task, [r["prompt"] for r in rows], [r["target"] for r in rows])
 
 
 def math_suite(path: str | Path, num_shots: int = 2) -> EvalSuite:
-    from pear_mega.data.prompts import few_shot_messages
-
+    """The problems of an AIME-format file (``pear_mega.tasks.load_math_file``), few-shot prompted,
+    scored by math-verify against their answers."""
     rows = load_math_file(path)
-    demos = list(MATH_DEMOS[:num_shots])
     return EvalSuite(
         Path(path).stem,
-        [few_shot_messages(r["problem"], demos) for r in rows],
+        [math_prompt(r["problem"], num_shots) for r in rows],
         [{"source": "math", "answer": r["answer"]} for r in rows],
     )
 
@@ -116,17 +96,16 @@ def evaluate_suites(
     correct_threshold: float = 1.0,
     num_examples: int = 3,
 ) -> list[SuiteResult]:
-    """Sample ``n`` responses per prompt with ``engine`` (a ``RolloutEngine``) and compute pass@k."""
-    from pear_mega.rewards import ReasoningGymScorer, compute_rewards
-
+    """Sample ``n`` responses per prompt with ``engine`` (a ``pear_mega.engine.RolloutEngine``) and
+    compute pass@k."""
     if any(k < 1 or k > n for k in ks):
         raise ValueError(f"every k must be in [1, n={n}], got {list(ks)}")
-    scorer = ReasoningGymScorer()
+    scorer_state: dict = {}
     results = []
     for suite in suites:
         samples = engine.generate(suite.prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         targets = [suite.targets[s.prompt_index] for s in samples]
-        rewards, metrics, outs = compute_rewards([s.text for s in samples], targets, scorer)
+        rewards, metrics, outs = verified_rewards([s.text for s in samples], targets, scorer_state)
         correct = (rewards >= correct_threshold).view(len(suite.prompts), n).sum(dim=1).tolist()
         examples = [
             {"prompt": suite.prompts[s.prompt_index][-1]["content"], "response": s.text,

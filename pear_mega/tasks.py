@@ -17,7 +17,9 @@ A ``TaskSource`` gives, for a task config (``pear_mega.rl.config.TaskConfig``):
                    reasoning-gym sample), ``MATH_DEMOS`` for plain prompts
     synthetic      random token prompts and a dense token-level reward (mechanics tests)
 
-A new source is one ``register`` call (and its settings in ``TaskConfig``).
+A new source is one ``register`` call (and its settings in ``TaskConfig``). The row builders
+(``reasoning_gym_rows``, ``math_prompt``, ``load_math_file``) and ``verified_rewards`` also build
+and score the evaluation suites (``pear_mega.evaluation``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from pear_mega.data.prompts import MATH_DEMOS
 
@@ -66,22 +66,59 @@ def _answer_probe(row: dict, tokenizer, eot: int | None, rng, vocab_size: int) -
     return ids + ([eot] if eot is not None else [])
 
 
-def _verified_score(texts: Sequence[str], token_ids, rows: Sequence[dict], vocab_size: int, state: dict):
+def verified_rewards(texts: Sequence[str], targets: Sequence[dict], state: dict):
+    """``pear_mega.rewards.compute_rewards`` of ``texts`` against the reward samples ``targets``
+    with the scorer kept in ``state`` (made on first use): ``(rewards [N], metrics, [RewardOutput])``."""
     from pear_mega.rewards import ReasoningGymScorer, compute_rewards
 
     if "scorer" not in state:
         state["scorer"] = ReasoningGymScorer()
-    rewards, metrics, _ = compute_rewards(list(texts), [r["target"] for r in rows], state["scorer"])
+    return compute_rewards(list(texts), list(targets), state["scorer"])
+
+
+def _verified_score(texts: Sequence[str], token_ids, rows: Sequence[dict], vocab_size: int, state: dict):
+    rewards, metrics, _ = verified_rewards(texts, [r["target"] for r in rows], state)
     return rewards, {k: float(v) for k, v in metrics.items()}
 
 
-def _reasoning_gym_prompts(task, vocab_size: int) -> list[dict]:
+def reasoning_gym_rows(name: str, size: int, seed: int, num_shots: int = 2, settings: dict | None = None) -> list[dict]:
+    """``size`` rows of the reasoning-gym task ``name``: few-shot chat prompts of
+    ``pear_mega.data.prompts``, the item's description as the reward sample."""
     from pear_mega.data.prompts import reasoning_gym_prompts
 
+    return [{"prompt": item["messages"], "target": item["meta"], "answer": item["meta"]["answer"]}
+            for item in reasoning_gym_prompts(name, size, seed, num_shots=num_shots, **dict(settings or {}))]
+
+
+def _reasoning_gym_prompts(task, vocab_size: int) -> list[dict]:
+    return [row for name in task.tasks
+            for row in reasoning_gym_rows(name, task.size, task.seed, task.num_shots, task.task_settings())]
+
+
+def math_prompt(problem: str, num_shots: int = 2) -> list[dict]:
+    """A plain problem as chat messages after ``num_shots`` of the ``Answer:`` format demonstrations
+    (``MATH_DEMOS``)."""
+    from pear_mega.data.prompts import few_shot_messages
+
+    return few_shot_messages(problem, list(MATH_DEMOS[:num_shots]))
+
+
+def load_math_file(path: str | Path) -> list[dict]:
+    """Rows ``{"problem", "answer"}`` of an AIME-format jsonl file; errors name file, row and field."""
+    from pear_mega.data.prompts import gold_answer, iter_jsonl_objects
+    from pear_mega.rewards import math_parse
+
     rows = []
-    for name in task.tasks:
-        for item in reasoning_gym_prompts(name, task.size, task.seed, num_shots=task.num_shots, **task.task_settings()):
-            rows.append({"prompt": item["messages"], "target": item["meta"], "answer": item["meta"]["answer"]})
+    for i, row in iter_jsonl_objects(path):
+        problem = row.get("problem")
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{path}: row {i}: field 'problem' must be a non-empty string")
+        answer = gold_answer(row, path, i)
+        if not math_parse(answer):
+            raise ValueError(f"{path}: row {i}: field 'answer' {row['answer']!r} is not a parseable math answer")
+        rows.append({"problem": problem, "answer": answer})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
     return rows
 
 
@@ -92,7 +129,7 @@ def load_prompt_file(path: str, num_shots: int = 2) -> list[dict]:
     ``Answer:`` format); the reward is math-verify against ``answer`` unless ``meta`` is a
     reasoning-gym sample description. Errors name the file, row and field.
     """
-    from pear_mega.data.prompts import few_shot_messages, gold_answer, iter_jsonl_objects
+    from pear_mega.data.prompts import gold_answer, iter_jsonl_objects
 
     p = Path(path)
     if not p.is_file():
@@ -107,7 +144,7 @@ def load_prompt_file(path: str, num_shots: int = 2) -> list[dict]:
                 raise ValueError(f"{path}: row {i}: field 'messages' must be a list of chat messages ending "
                                  "with a user turn")
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            messages = few_shot_messages(row["prompt"], list(MATH_DEMOS[:num_shots]))
+            messages = math_prompt(row["prompt"], num_shots)
         else:
             raise ValueError(f"{path}: row {i}: field 'prompt' (a non-empty string) or 'messages' is required")
         meta = row.get("meta")
@@ -135,6 +172,8 @@ def _synthetic_probe(row: dict, tokenizer, eot: int | None, rng, vocab_size: int
 
 def _low_ids_score(texts, token_ids: Sequence[Sequence[int]], rows, vocab_size: int, state: dict):
     """The fraction of response tokens with id < vocab/2 (a random policy scores 0.5)."""
+    import torch
+
     half = vocab_size // 2
     rewards = torch.tensor([sum(t < half for t in ids) / max(len(ids), 1) for ids in token_ids], dtype=torch.float32)
     return rewards, {"reward/mean": float(rewards.mean())}

@@ -8,12 +8,12 @@ import pytest
 
 from pear_mega.evaluation import (
     SuiteResult,
-    load_math_file,
     mean_pass_at_k,
     pass_at_k,
     results_table,
     write_results,
 )
+from pear_mega.tasks import load_math_file
 
 AIME_SAMPLE = Path(__file__).resolve().parents[1] / "data_files" / "aime_sample.jsonl"
 
@@ -86,3 +86,24 @@ def test_evaluate_cli_end_to_end(tmp_path):
         assert set(s["pass_at_k"]) == {"1", "2"} and 0.0 <= s["pass_at_k"]["1"] <= s["pass_at_k"]["2"] <= 1.0
     assert data["suites"][1]["prompts"] == 5 and len(data["suites"][1]["correct_counts"]) == 5
     assert (out / "pass_at_k.png").stat().st_size > 1000
+
+
+def test_suites_are_the_task_registrys_prompts(tmp_path):
+    """Evaluation prompts what RL trains on: a reasoning-gym suite is the registry's rows of the
+    task, a math file's suite the ``jsonl`` source's rows of the same problems."""
+    from pear_mega.evaluation import math_suite, reasoning_gym_suite
+    from pear_mega.rl.config import TaskConfig
+    from pear_mega.tasks import load_math_file, task_source
+
+    task = TaskConfig(source="reasoning_gym", tasks=("basic_arithmetic",), size=4, seed=7, num_shots=1,
+                      task_config='{"max_terms": 2}')
+    rows = task_source("reasoning_gym").prompts(task, 1000)
+    suite = reasoning_gym_suite("basic_arithmetic", 4, 7, 1, {"max_terms": 2})
+    assert suite.prompts == [r["prompt"] for r in rows] and suite.targets == [r["target"] for r in rows]
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": r["problem"], "answer": r["answer"]}) + "\n"
+                                    for r in load_math_file(AIME_SAMPLE)))
+    rows = task_source("jsonl").prompts(TaskConfig(source="jsonl", prompts_file=str(prompts_file), num_shots=2), 1000)
+    suite = math_suite(AIME_SAMPLE, num_shots=2)
+    assert suite.prompts == [r["prompt"] for r in rows] and suite.targets == [r["target"] for r in rows]
