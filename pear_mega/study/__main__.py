@@ -19,9 +19,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pear_mega.config_tools import apply_overrides
-    from pear_mega.study.run import run_study
     from pear_mega.study.recipes import RECIPES
+    from pear_mega.study.run import run_study
+    from pear_mega.study.stages import apply_in_valid_order
 
     parser = argparse.ArgumentParser(prog="python -m pear_mega.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,13 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.recipe:
         parser.error("--recipe is required")
     try:
-        cfg = RECIPES.build(args.recipe)
-        for item in args.overrides:  # one at a time, so the message names the override that failed
-            try:
-                cfg = apply_overrides(cfg, [item])
-            except ValueError as exc:
-                key = item.split("=", 1)[0]
-                raise ValueError(str(exc) if key in str(exc) else f"override {item!r}: {exc}") from None
+        # One at a time, so that the message names the override that failed; in an order in which
+        # each is valid, so e.g. study.baseline=kd may come before the study.arms that contain it.
+        cfg, _ = apply_in_valid_order(RECIPES.build(args.recipe), args.overrides)
     except ValueError as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)
         return 2

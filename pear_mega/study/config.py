@@ -92,8 +92,9 @@ class StudySettings:
     """Each seed repeats the whole chain: SFT data order, RL sampling, evaluation sampling."""
     arms: tuple[str, ...] = ("none", "token")
     """SFT arms (see the module docstring); every arm gets the identical GRPO run."""
-    baseline: str = "none"
-    """The arm paired differences are taken against."""
+    baseline: str = ""
+    """The arm paired differences are taken against; '' = ``none`` if it is an arm, else the first arm
+    (a study of kd arms only: ``kd``); see ``baseline_arm``."""
     arm_overrides: str = "{}"
     """JSON {arm: ["sft.dotted.key=value" without the "sft." prefix, ...]}: per-arm SFT settings."""
     sft_recipe: str = "smollm2_pear_sft"
@@ -122,7 +123,7 @@ class StudySettings:
             raise ValueError(f"study.arms has duplicates: {list(self.arms)}")
         for arm in self.arms:
             parse_arm(arm)
-        if self.baseline not in self.arms:
+        if self.baseline and self.baseline not in self.arms:
             raise ValueError(f"study.baseline {self.baseline!r} is not one of study.arms {list(self.arms)}")
         overrides = self.arm_override_map()
         unknown = sorted(set(overrides) - set(self.arms))
@@ -141,6 +142,10 @@ class StudySettings:
 
     def arm(self, name: str) -> Arm:
         return parse_arm(name)
+
+    @property
+    def baseline_arm(self) -> str:
+        return self.baseline or ("none" if "none" in self.arms else self.arms[0])
 
 
 @dataclass(frozen=True)

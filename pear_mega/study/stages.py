@@ -101,25 +101,40 @@ def _override_text(value) -> str:
     return str(value)
 
 
-def overrides_for(registry, recipe: str, target) -> list[str]:
-    """Overrides of ``recipe`` that reproduce ``target`` exactly, in an order every step of which is
-    valid (each override re-runs the config's validation, so e.g. a longer response limit must
-    come after the larger context it needs). Raises when ``target`` cannot be reached."""
-    base = registry.build(recipe)
-    pending, order, current = config_diff_overrides(base, target), [], base
+def apply_in_valid_order(config, items: list[str]):
+    """Apply ``dotted.key=value`` ``items``, each as soon as it is valid; returns (config, order).
+
+    Each override re-runs the config's validation, so an item valid only together with a later one
+    waits for it: a longer response limit for the larger context it needs, ``study.baseline=kd``
+    for ``study.arms=[kd,kd_token]``. After every applied item the search restarts at the first
+    pending one, so where the given order is valid it is kept (of two values of a key, the last wins).
+
+    Raises:
+        ValueError naming the first item that never becomes valid.
+    """
+    pending, order = list(items), []
     while pending:
-        progressed = False
-        for item in list(pending):
+        first_error = None
+        for item in pending:
             try:
-                current = apply_overrides(current, [item])
-            except ValueError:
+                config = apply_overrides(config, [item])
+            except ValueError as exc:
+                key = item.split("=", 1)[0]
+                first_error = first_error or ValueError(str(exc) if key in str(exc) else f"override {item!r}: {exc}")
                 continue
             order.append(item)
             pending.remove(item)
-            progressed = True
-        if not progressed:
-            # Apply the rest together to get the real error message.
-            apply_overrides(current, pending)
+            break
+        else:
+            raise first_error
+    return config, order
+
+
+def overrides_for(registry, recipe: str, target) -> list[str]:
+    """Overrides of ``recipe`` that reproduce ``target`` exactly, in an order every step of which is
+    valid (``apply_in_valid_order``). Raises when ``target`` cannot be reached."""
+    base = registry.build(recipe)
+    current, order = apply_in_valid_order(base, config_diff_overrides(base, target))
     if current != target:
         raise StudyError(f"the {registry.kind} recipe {recipe!r} with overrides does not reproduce the study's config "
                          f"(a field the command line cannot set?): {order}")
@@ -564,7 +579,7 @@ def collect_results(plan: StudyPlan, study_meta: dict, probe: dict | None = None
                 "alignment": (json.loads(align.outputs[0].read_text()) if align is not None and manifest.done(align)
                               else None),
             })
-    return {"study": study_meta, "arms": list(cfg.study.arms), "baseline": cfg.study.baseline,
+    return {"study": study_meta, "arms": list(cfg.study.arms), "baseline": cfg.study.baseline_arm,
             "seeds": list(cfg.study.seeds), "ks": list(cfg.eval.ks), "suites": list(cfg.suites()),
             "probe": probe, "runs": runs}
 

@@ -117,6 +117,29 @@ def test_bad_kd_config_is_refused_naming_the_key(tmp_path, capsys, overrides, ke
     assert not (tmp_path / "study").exists()
 
 
+def test_overrides_apply_in_an_order_in_which_each_is_valid(tmp_path, capsys):
+    """The baseline may be named before the arms that hold it (one at a time in the given order it
+    would be refused: 'kd_token' is not an arm yet)."""
+    args = ["--print-config", "--recipe", "tiny_study", f"study.out_dir={tmp_path / 'study'}"]
+    assert study_main([*args, "study.baseline=kd_token", "study.arms=[kd,kd_token]"]) == 0
+    study = json.loads(capsys.readouterr().out)["study"]
+    assert study["arms"] == ["kd", "kd_token"] and study["baseline"] == "kd_token"
+    assert study_main([*args, "study.seeds=[1]", "study.seeds=[2]"]) == 0  # the given order where valid
+    assert json.loads(capsys.readouterr().out)["study"]["seeds"] == [2]
+    assert study_main([*args, "study.baseline=block", "study.arms=[kd,kd_token]"]) == 2
+    assert "study.baseline 'block' is not one of study.arms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arms, baseline", [("[none,token]", "none"), ("[token,none]", "none"), ("[kd_token,kd]", "kd_token")])
+def test_default_baseline_is_plain_sft_else_the_first_arm(tmp_path, arms, baseline):
+    cfg = _tiny(tmp_path, f"study.arms={arms}")
+    assert cfg.study.baseline_arm == baseline
+    plan = StudyPlan(cfg)
+    FakeProcesses(plan)
+    run_stages(plan, print_fn=_quiet)
+    assert collect_results(plan, {})["baseline"] == baseline
+
+
 def test_kd_top_k_zero_is_fine_without_a_kd_arm(tmp_path):
     assert _tiny(tmp_path, "behavior.kd_top_k=0").teacher_top_k == 0
 
