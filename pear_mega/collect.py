@@ -72,7 +72,7 @@ def make_llm(model_dir: str, *, seed: int = 0, dtype: str = "auto", gpu_memory_u
         max_logprobs: most log-probs per token a request may ask for (vLLM's default: 20); at least
             the K of ``top_k_logprobs``.
     """
-    import torch
+    from pear_mega.cpu.threads import keep_torch_threads
 
     gpu = _on_gpu()
     if not gpu:
@@ -97,14 +97,10 @@ def make_llm(model_dir: str, *, seed: int = 0, dtype: str = "auto", gpu_memory_u
         if enable_sleep_mode:
             raise ValueError("make_llm: sleep mode is CUDA-only")
         kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30))
-    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
-    try:
+    # vLLM's CPU worker drops the process to 1 torch thread and turns torch.set_num_threads into a
+    # no-op; the engine shares the process (and tests share it with others): undo both.
+    with keep_torch_threads():
         return LLM(**kwargs)
-    finally:
-        # vLLM's CPU worker drops the process to 1 torch thread and turns torch.set_num_threads
-        # into a no-op; the engine shares the process (and tests share it with others): undo both.
-        torch.set_num_threads = set_num_threads
-        torch.set_num_threads(threads)
 
 
 def close_llm(llm) -> None:

@@ -14,8 +14,8 @@ Memory of ``import_hf`` (HF safetensors -> megatron ``torch_dist`` checkpoint at
   frees them; the ``.metadata`` of all ranks is written last. Peak host memory ~ the largest
   rank's shard + one HF tensor, i.e. about ``model / (tp * pp)`` (Llama-3-70B in bf16 at TP=8:
   ~17.5 GB, plus the 2 GB embedding while it is cut). The checkpoint is the one ``tp * pp``
-  ranks would save (measured for SmolLM2-135M at TP=3: +200 MiB resident over the interpreter,
-  against +1150 MiB for the whole-model path).
+  ranks would save (measured for SmolLM2-135M in docs/benchmarks.md: a fraction of the
+  whole-model path's resident memory).
 - ``streaming=False`` (the tool's ``--whole-model``): the model is built whole in this process
   (peak ~ the whole model + one tensor) and saved with ``save_checkpoint``.
 - Under torchrun with ``tp * pp`` ranks each rank builds and holds only its shard.

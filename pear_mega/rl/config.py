@@ -136,10 +136,9 @@ class RolloutSettings:
     """CPU: torch threads of the trainer process after the engine starts; 0 = unchanged."""
     keep_freed_memory: bool = True
     """CPU (glibc): engine ranks keep freed memory for reuse, so refits stop page-faulting fresh
-    buffers (``pear_mega.rl.rollout.keep_freed_memory``; process-wide and one-way). The same
-    trade as the tcmalloc vLLM preloads into its own CPU workers: SmolLM2-135M, trainer TP=3 on
-    2 cores, refit 0.68 / 0.80 -> 0.50 / 0.59 s, RL step unchanged, rank 0 ends 0.5-0.6 GiB larger
-    (peak +0.3-0.4 GiB; docs/benchmarks.md). false: give freed memory back to the OS."""
+    buffers (``pear_mega.cpu.memory.keep_freed_memory``; process-wide and one-way). The same
+    trade as the tcmalloc vLLM preloads into its own CPU workers: faster refits, the same RL step
+    time, a larger process (measured in docs/benchmarks.md). false: give freed memory back to the OS."""
     engine_threads: int = 0
     """CPU: torch threads of an engine rank during engine work (generation, refit, verification),
     while the host's other trainer ranks wait for it; 0 = the host's cores shared by the host's
