@@ -56,9 +56,9 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--block-size", type=int, default=None, help="KV block size (default: RolloutConfig's)")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size (default: EngineConfig's)")
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU: RolloutConfig.keep_freed_memory (glibc keeps freed memory for reuse)")
+                   help="CPU: EngineConfig.keep_freed_memory (glibc keeps freed memory for reuse)")
     args = p.parse_args(argv)
 
     import torch
@@ -67,12 +67,12 @@ def main(argv=None) -> None:
     from pear_mega.data.prompts import reasoning_gym_prompts
     from pear_mega.platform import use_gpu
     from pear_mega.pretrained import smollm2_135m_instruct
-    from pear_mega.engine import RolloutConfig, RolloutEngine, hf_sequence_logprobs
+    from pear_mega.engine import EngineConfig, RolloutEngine, hf_sequence_logprobs
 
     model_dir = str(args.model or smollm2_135m_instruct())
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    engine = RolloutEngine(RolloutConfig(model=model_dir, dtype=args.dtype, max_model_len=512, seed=0,
+    engine = RolloutEngine(EngineConfig(model=model_dir, dtype=args.dtype, max_model_len=512, seed=0,
                                          num_threads=args.threads, block_size=args.block_size,
                                          keep_freed_memory=args.keep_freed_memory))
     start_s = time.perf_counter() - t0

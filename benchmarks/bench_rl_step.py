@@ -64,8 +64,8 @@ def worker(args) -> None:
     from pear_mega.rl.trainer import RLTrainer
 
     overrides = [f"model.hf_path={args.model}", f"model.dtype={args.dtype}", f"parallel.tensor_parallel={args.tp}",
-                 f"rollout.tensor_parallel_size={args.engine_tp}",
-                 f"rollout.keep_freed_memory={str(args.keep_freed_memory).lower()}",
+                 f"rollout.engine.tensor_parallel_size={args.engine_tp}",
+                 f"rollout.engine.keep_freed_memory={str(args.keep_freed_memory).lower()}",
                  f"rollout.engine_threads={args.engine_threads}", f"refit.transport={args.transport}",
                  f"train.steps={args.steps}", "checkpoint.dir=",
                  "checkpoint.export_hf=", "logging.tensorboard_dir=", "logging.progress_bar=false",
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--engine-threads", type=int, default=0,
                    help="CPU: rollout.engine_threads (0 = the host's cores over its engine ranks)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: rollout.keep_freed_memory (glibc keeps freed memory for reuse; the default)")
+                   help="CPU: rollout.engine.keep_freed_memory (glibc keeps freed memory for reuse; the default)")
     p.add_argument("--transport", default="auto", choices=("auto", "shared_memory", "collective"),
                    help="refit.transport: how the full tensors reach the engine (auto: shared memory where it helps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

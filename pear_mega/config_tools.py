@@ -87,8 +87,9 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
     """Return a copy of ``config`` with ``dotted.key=value`` overrides applied and re-validated.
 
     Raises:
-        ValueError: an override without ``=``, an unknown key (the known ones are listed), or a
-            value of the wrong type.
+        ValueError: an override without ``=``, an unknown key (the known ones are listed; a key a
+            config class lists in its ``moved_keys`` class variable, ``{old name: new dotted path
+            below the class}``, names its new place), or a value of the wrong type.
     """
     for item in overrides:
         if "=" not in item:
@@ -104,6 +105,10 @@ def _set(node: Any, path: list[str], text: str, full_key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(node)}
     name = path[0]
     if name not in fields:
+        moved = getattr(type(node), "moved_keys", {}).get(name)
+        if moved is not None:  # e.g. rollout.max_model_len → rollout.engine.max_model_len
+            prefix = full_key[: len(full_key) - len(".".join(path))]
+            raise ValueError(f"override {full_key}: the key moved to {prefix}{moved}")
         raise ValueError(f"override {full_key}: unknown key {name!r}; known: {sorted(fields)}")
     hints = typing.get_type_hints(type(node))
     if len(path) == 1:
@@ -111,7 +116,14 @@ def _set(node: Any, path: list[str], text: str, full_key: str) -> Any:
     else:
         value = _set(getattr(node, name), path[1:], text, full_key)
     # dataclasses.replace re-runs __post_init__, so validation covers the new value.
-    return dataclasses.replace(node, **{name: value})
+    try:
+        return dataclasses.replace(node, **{name: value})
+    except ValueError as exc:
+        if len(path) == 1 and full_key not in str(exc):
+            # a config that does not know where it is nested (e.g. pear_mega.engine.EngineConfig as
+            # rollout.engine) names its field alone: say which key was given
+            raise ValueError(f"override {full_key}={text}: {exc}") from None
+        raise
 
 
 def to_dict(config: Any) -> dict:

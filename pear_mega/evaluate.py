@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from pear_mega.engine import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,9 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64
-    dtype: str = "float32"
-    max_model_len: int = 1024
-    engine_seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The vLLM engine (``pear_mega.engine.EngineConfig``: dtype, max_model_len, seed, ...); its
+    ``model`` is ``model``."""
 
     def __post_init__(self) -> None:
         if not self.tasks and not self.math_files:
@@ -76,8 +78,8 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--dtype", help="engine dtype (default: EngineConfig's, float32)")
+    p.add_argument("--max-model-len", type=int, help="engine context (default: EngineConfig's, 1024)")
     a = p.parse_args(argv)
     try:
         task_configs = json.loads(a.task_config)
@@ -87,7 +89,8 @@ def parse_args(argv=None) -> EvalConfig:
         model=a.model, out=a.out, tasks=tuple(t for t in a.tasks.split(",") if t), task_configs=task_configs,
         task_size=a.task_size, seed=a.seed, math_files=tuple(a.math_file), n=a.n,
         ks=tuple(int(k) for k in a.k.split(",") if k), num_shots=a.num_shots, temperature=a.temperature,
-        top_p=a.top_p, max_tokens=a.max_tokens, dtype=a.dtype, max_model_len=a.max_model_len,
+        top_p=a.top_p, max_tokens=a.max_tokens, engine=EngineConfig(**{
+            k: v for k, v in (("dtype", a.dtype), ("max_model_len", a.max_model_len)) if v is not None}),
     )
 
 
@@ -99,12 +102,11 @@ def run(cfg: EvalConfig):
         results_table,
         write_results,
     )
-    from pear_mega.engine import RolloutConfig, RolloutEngine
+    from pear_mega.engine import RolloutEngine
 
     suites = [reasoning_gym_suite(t, cfg.task_size, cfg.seed, cfg.num_shots, cfg.task_configs.get(t)) for t in cfg.tasks]
     suites += [math_suite(f, cfg.num_shots) for f in cfg.math_files]
-    engine = RolloutEngine(RolloutConfig(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                                         seed=cfg.engine_seed))
+    engine = RolloutEngine(replace(cfg.engine, model=cfg.model))
     start = time.perf_counter()
     results = evaluate_suites(engine, suites, n=cfg.n, ks=cfg.ks, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_tokens)

@@ -26,7 +26,7 @@ in-flight microbatches under 1F1B; the last stage's output layer is counted wher
 
 RL (``plan_rl``): the trainer and the colocated vLLM engine share each GPU. With P the worst
 stage's parameters per GPU (above), N the model's parameters, R the engine's tensor-parallel size,
-M the device's total memory and u = ``rollout.gpu_memory_utilization``:
+M the device's total memory and u = ``rollout.engine.gpu_memory_utilization``:
 
 - trainer state: weights ``2P`` (bf16) + grads ``4P`` + optimizer (above) + reference model ``2P``
   (when the KL term or the KL-to-init metric needs it) + update-sparsity copies ``8P`` (two fp32
@@ -178,7 +178,7 @@ def plan_rl(shape: Shape, lay: Layout, ro: RolloutLayout, gpu_mem_bytes: float,
     ``u_min`` / ``u_max`` / ``utilization`` (the one used), ``kv_cache``, ``kv_sequences`` (full
     ``max_model_len`` sequences the KV cache holds), ``host`` bytes per GPU and ``fits`` (1.0 / 0.0)."""
     if shape.heads % ro.engine_tp:
-        raise ValueError(f"rollout.tensor_parallel_size={ro.engine_tp} must divide {shape.heads} attention heads")
+        raise ValueError(f"rollout.engine.tensor_parallel_size={ro.engine_tp} must divide {shape.heads} attention heads")
     sft = plan_memory(shape, lay, overhead_gib)
     P = sft["params_per_gpu"]
     wbytes = 2 if lay.bf16 else 4
@@ -238,17 +238,17 @@ def rl_layouts(cfg, world_size: int) -> tuple[Layout, RolloutLayout]:
     if world_size % (tp * pp):
         raise ValueError(f"{world_size} GPUs is not a multiple of TP x PP = {tp * pp}")
     dp = world_size // (tp * pp)
-    ro = cfg.rollout
+    ro, engine = cfg.rollout, cfg.rollout.engine
     seqs = ro.prompts_per_step * ro.n
     lay = Layout(tp=tp, pp=pp, dp=dp, seq_length=cfg.train.seq_length,
                  microbatches=max(1, seqs // (cfg.algorithm.minibatches * dp)), bf16=cfg.model.dtype == "bfloat16",
                  distributed_optimizer=cfg.optim.use_distributed_optimizer is not False,
                  recompute=cfg.model.recompute_activations, inplace_loss=False)
     rollout = RolloutLayout(
-        engine_tp=ro.tensor_parallel_size, gpu_memory_utilization=ro.gpu_memory_utilization,
-        max_model_len=ro.max_model_len, reference=cfg.needs_reference,
+        engine_tp=engine.tensor_parallel_size, gpu_memory_utilization=engine.gpu_memory_utilization,
+        max_model_len=engine.max_model_len, reference=cfg.needs_reference,
         update_sparsity=bool(cfg.logging.update_sparsity),  # None = on CPU only: off on the GPU being planned
-        offload_optimizer=ro.offload_optimizer, sleep_level=ro.sleep_level,
+        offload_optimizer=ro.offload_optimizer, sleep_level=engine.sleep_level,
         refit_bucket_bytes=cfg.refit.bucket_mb << 20)
     return lay, rollout
 
@@ -262,7 +262,7 @@ def check_rl_plan(cfg, shape: Shape, world_size: int, gpu_mem_bytes: float) -> d
         raise ValueError(f"{cfg.name}: the run does not fit the GPU memory (pear_mega.plan):\n{format_rl_plan(plan)}\n"
                          "Options: rollout.offload_optimizer=true, logging.kl_to_init=false (no reference model "
                          "when the KL coefficient is 0), logging.update_sparsity=false, a lower or automatic "
-                         "rollout.gpu_memory_utilization (0), more GPUs (data-parallel shards of the optimizer).")
+                         "rollout.engine.gpu_memory_utilization (0), more GPUs (data-parallel shards of the optimizer).")
     return plan
 
 

@@ -55,11 +55,12 @@ def test_utilization_outside_the_plan_does_not_fit():
     assert _small(gpu_memory_utilization=0.02)["fits"] == 0.0  # below u_min: no room for one sequence
 
 
-def _rl_config(**rollout):
-    from pear_mega.rl.config import ModelConfig, RLConfig, RolloutSettings
+def _rl_config(**engine):
+    from pear_mega.rl.config import ModelConfig, RLConfig, RolloutSettings, rl_engine
 
     return RLConfig(name="small", model=ModelConfig(hf_path="unused", dtype="bfloat16"),
-                    rollout=RolloutSettings(max_model_len=64, max_tokens=16, tensor_parallel_size=1, **rollout))
+                    rollout=RolloutSettings(max_tokens=16, engine=rl_engine(max_model_len=64, tensor_parallel_size=1,
+                                                                            **engine)))
 
 
 def test_check_rl_plan_refuses_with_the_numbers():
@@ -90,7 +91,8 @@ def test_llama3_70b_grpo_fits_an_80gb_h100(capsys):
     # the recipe as it was (optimizer on the device, a reference model, half the GPU for vLLM):
     # ≈ 46 GiB of trainer state + 39.6 GiB of engine while awake: more than the device
     old = RECIPES.build("llama3_70b_grpo", ["rollout.offload_optimizer=false", "logging.kl_to_init=true",
-                                            "rollout.gpu_memory_utilization=0.5", "rollout.sleep_level=1"])
+                                            "rollout.engine.gpu_memory_utilization=0.5",
+                                            "rollout.engine.sleep_level=1"])
     before = plan_rl(shape, *rl_layouts(old, 32), h100)
     assert before["fits"] == 0.0 and before["phase_rollout"] / GIB == pytest.approx(85.8, abs=0.1)
     assert main(["--recipe", "llama3_70b_grpo", "--gpus", "32", "--gpu-mem-gib", "79.1"]) == 0

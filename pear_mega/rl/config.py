@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
+from pear_mega.engine import EngineConfig
 from pear_mega.optim import OptimConfig
 from pear_mega.parallel import ParallelConfig
 from pear_mega.rl.algorithms import GRPOConfig, PolicyLossConfig, PPOConfig
@@ -33,6 +35,7 @@ __all__ = [
     "RolloutSettings",
     "TaskConfig",
     "TrainConfig",
+    "rl_engine",
 ]
 
 
@@ -95,9 +98,26 @@ class TaskConfig:
         return value
 
 
+def rl_engine(**settings) -> EngineConfig:
+    """The engine settings of an RL run: a bare engine's (``pear_mega.engine.EngineConfig``) except
+    ``dtype`` '' (= ``model.dtype``), ``gpu_memory_utilization`` 0 (= the largest share the memory
+    plan leaves) and ``keep_freed_memory`` on; ``settings`` override any field."""
+    return EngineConfig(**{"dtype": "", "gpu_memory_utilization": 0.0, "keep_freed_memory": True, **settings})
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
-    """Sampling and the colocated vLLM engines (on global ranks 0 .. num_engines·tensor_parallel_size−1)."""
+    """Sampling and the colocated vLLM engines (on global ranks 0 .. num_engines·R−1,
+    R = ``engine.tensor_parallel_size``)."""
+
+    # Keys that moved into ``engine``: an override of the old key names the new one
+    # (``pear_mega.config_tools.apply_overrides``).
+    moved_keys: ClassVar[dict[str, str]] = {
+        **{name: f"engine.{name}" for name in (
+            "max_model_len", "dtype", "kv_cache_gib", "gpu_memory_utilization", "sleep_level", "max_num_seqs",
+            "enforce_eager", "num_threads", "keep_freed_memory", "tensor_parallel_size")},
+        "engine_seed": "engine.seed",
+    }
 
     prompts_per_step: int = 8
     """G: prompts per RL step."""
@@ -111,71 +131,49 @@ class RolloutSettings:
     """Response length limit; a response cut here is 'truncated' (see the over-long options)."""
     stop: tuple[str, ...] = ()
     """Stop strings (besides EOS): generation ends once the text contains one (e.g. a newline)."""
-    max_model_len: int = 1024
-    """Engine context: prompt + response tokens."""
-    engine_seed: int = 0
-    """vLLM seed; each step's sampling is reseeded from (engine_seed, step, round), so a resumed
-    run draws the samples an uninterrupted one would."""
-    dtype: str = ""
-    """Engine dtype; '' = the model's (float32 on CPU, bfloat16 on GPU)."""
-    kv_cache_gib: float = 1.0
-    """CPU: KV cache size (vLLM's kv_cache_memory_bytes)."""
-    gpu_memory_utilization: float = 0.0
-    """GPU: share of the device vLLM may take (the trainer lives on the same GPU); 0 = the largest
-    share the memory plan leaves (``pear_mega.plan.plan_rl``). A given share is checked against the
-    plan before anything is built."""
+    engine: EngineConfig = field(default_factory=rl_engine)
+    """Each engine's settings (``pear_mega.engine.EngineConfig``; ``rollout.engine.max_model_len``,
+    ``rollout.engine.seed``, ...). The trainer fills ``model`` from ``model.hf_path``, ``dtype`` ''
+    with ``model.dtype`` and, on GPU, ``gpu_memory_utilization`` 0 with the largest share the memory
+    plan leaves (``pear_mega.plan.plan_rl``; a given share is checked against the plan before
+    anything is built). ``seed`` also reseeds each step's sampling from (seed, step, round), so a
+    resumed run draws the samples an uninterrupted one would. ``num_threads`` (CPU): torch threads
+    of the trainer process after the engine starts. GPU: ``sleep_level`` 1 copies the weights to
+    pinned host memory between rollouts, 2 discards them (every wake follows a full refit)."""
     offload_optimizer: bool = False
     """GPU, bf16: keep the optimizer state (fp32 main params, Adam moments) in host memory while the
     engine is awake (megatron's ``offload_to_cpu`` / ``restore_from_cpu`` around each update)."""
-    sleep_level: int = 1
-    """GPU: vLLM sleep level between rollouts. 1: weights copied to pinned host memory and back;
-    2: weights discarded (every wake is preceded by a full refit, so nothing is lost)."""
-    max_num_seqs: int = 128
-    enforce_eager: bool = True
-    num_threads: int = 0
-    """CPU: torch threads of the trainer process after the engine starts; 0 = unchanged."""
-    keep_freed_memory: bool = True
-    """CPU (glibc): engine ranks keep freed memory for reuse, so refits stop page-faulting fresh
-    buffers (``pear_mega.cpu.memory.keep_freed_memory``; process-wide and one-way). The same
-    trade as the tcmalloc vLLM preloads into its own CPU workers: faster refits, the same RL step
-    time, a larger process (measured in docs/benchmarks.md). false: give freed memory back to the OS."""
     engine_threads: int = 0
     """CPU: torch threads of an engine rank during engine work (generation, refit, verification),
     while the host's other trainer ranks wait for it; 0 = the host's cores shared by the host's
     engine ranks (never fewer than the trainer's threads)."""
-    tensor_parallel_size: int = 1
-    """R: vLLM tensor-parallel workers per engine, each a trainer process (vLLM's external_launcher
-    executor; ``pear_mega.rl.engine_group``). Needed once the model does not fit one device."""
     num_engines: int = 1
     """E: engines on global ranks 0 .. E·R−1, each sampling its share of the prompts; 0 = as
     many as the trainer's ranks hold (world_size // R)."""
 
     def __post_init__(self):
-        for name in ("prompts_per_step", "n", "max_tokens", "max_num_seqs"):
+        for name in ("prompts_per_step", "n", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ValueError(f"rollout.temperature must be > 0 (log-probs are taken at it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_model_len <= self.max_tokens:
-            raise ValueError(f"rollout.max_model_len ({self.max_model_len}) must exceed rollout.max_tokens ({self.max_tokens})")
-        if self.dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ValueError(f"rollout.dtype must be '', float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.engine.model:
+            raise ValueError(f"rollout.engine.model must be '' (the trainer sets it to model.hf_path), "
+                             f"got {self.engine.model!r}")
+        if self.engine.max_model_len <= self.max_tokens:
+            raise ValueError(f"rollout.engine.max_model_len ({self.engine.max_model_len}) must exceed "
+                             f"rollout.max_tokens ({self.max_tokens})")
+        if self.engine.dtype == "auto":
+            # the refit verification compares against the trainer's numbers: a dtype the run names
+            raise ValueError("rollout.engine.dtype must be '' (= model.dtype), float32, bfloat16 or float16, "
+                             f"got {self.engine.dtype!r}")
         if self.num_engines < 0:
-            raise ValueError(f"rollout.num_engines must be >= 0 (0 = world_size // tensor_parallel_size), "
+            raise ValueError(f"rollout.num_engines must be >= 0 (0 = world_size // rollout.engine.tensor_parallel_size), "
                              f"got {self.num_engines}")
-        if not self.kv_cache_gib > 0:
-            raise ValueError(f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
-        if not 0 <= self.gpu_memory_utilization <= 1:
-            raise ValueError(f"rollout.gpu_memory_utilization must be in [0, 1] (0 = from the memory plan), "
-                             f"got {self.gpu_memory_utilization}")
-        if self.sleep_level not in (1, 2):
-            raise ValueError(f"rollout.sleep_level must be 1 or 2, got {self.sleep_level}")
-        if self.num_threads < 0 or self.engine_threads < 0 or self.engine_seed < 0:
-            raise ValueError("rollout.num_threads, rollout.engine_threads and rollout.engine_seed must be >= 0")
+        if self.engine_threads < 0:
+            raise ValueError(f"rollout.engine_threads must be >= 0, got {self.engine_threads}")
 
 
 @dataclass(frozen=True)
@@ -379,11 +377,19 @@ class RLConfig:
             except ValueError as exc:
                 raise ValueError(str(exc).replace("optim.", "critic.optim.", 1)) from None
         check_context_length(self.model.hf_path, self.train.seq_length, "train.seq_length")
-        check_context_length(self.model.hf_path, self.rollout.max_model_len, "rollout.max_model_len")
+        check_context_length(self.model.hf_path, self.rollout.engine.max_model_len, "rollout.engine.max_model_len")
         if self.task.source == "reasoning_gym":
             check_task_names(self.task.tasks, "task.tasks", known_only=True)
         elif self.task.source == "jsonl":
             check_prompt_answers(self.task.prompts_file, "task.prompts_file")
+
+    def engine_config(self, gpu_memory_utilization: float) -> EngineConfig:
+        """The engine each engine rank builds: ``rollout.engine`` with ``model`` = ``model.hf_path``,
+        ``dtype`` '' = ``model.dtype`` and ``gpu_memory_utilization`` = the given share (GPU: the
+        memory plan's, which is the configured share when one is given; unused on CPU)."""
+        engine = self.rollout.engine
+        return replace(engine, model=self.model.hf_path, dtype=engine.dtype or self.model.dtype,
+                       gpu_memory_utilization=gpu_memory_utilization)
 
     @property
     def policy(self) -> PolicyLossConfig:

@@ -1,6 +1,6 @@
 """Rollout engines placed over the trainer's ranks: vLLM tensor parallel inside the trainer job.
 
-Layout. ``W`` trainer ranks, ``R = rollout.tensor_parallel_size``, ``E = rollout.num_engines``
+Layout. ``W`` trainer ranks, ``R = rollout.engine.tensor_parallel_size``, ``E = rollout.num_engines``
 (0 = ``W // R``). Engine ``e`` is one vLLM instance whose ``R`` tensor-parallel workers are the
 trainer processes of global ranks ``[e·R, (e+1)·R)``; ranks from ``E·R`` on host none::
 
@@ -64,7 +64,7 @@ class EnginePlacement:
                              f"got {w}, {r}, {e}")
         if e * r > w:
             raise ValueError(f"rollout: {e} engine(s) x tensor_parallel_size {r} = {e * r} ranks, but the trainer has "
-                             f"only {w}: lower rollout.num_engines or rollout.tensor_parallel_size")
+                             f"only {w}: lower rollout.num_engines or rollout.engine.tensor_parallel_size")
 
     @classmethod
     def from_settings(cls, world_size: int, tensor_parallel_size: int, num_engines: int) -> EnginePlacement:

@@ -144,7 +144,7 @@ def collect_rollouts(engine, source: PromptSource, cfg: RLConfig, step: int
     ``EngineGroup`` that spreads the prompts over several engines (then every engine rank runs this
     with the same arguments and gets the same result).
 
-    Sampling of round ``k`` of step ``s`` is seeded with ``(engine_seed, s, k)`` (vLLM's sampler
+    Sampling of round ``k`` of step ``s`` is seeded with ``(rollout.engine.seed, s, k)`` (vLLM's sampler
     draws from torch's default generator in this process), so the batch depends only on the
     weights and the prompt cursor: a resumed run draws what the uninterrupted run drew.
 
@@ -164,7 +164,7 @@ def collect_rollouts(engine, source: PromptSource, cfg: RLConfig, step: int
     for rnd in range(rounds):
         rows = source.take(ro.prompts_per_step)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if use_gpu() else []):
-            torch.manual_seed(sampling_seed(ro.engine_seed, step, rnd))
+            torch.manual_seed(sampling_seed(ro.engine.seed, step, rnd))
             samples = engine.generate([r["prompt"] for r in rows], n=ro.n, temperature=ro.temperature,
                                       top_p=ro.top_p, max_tokens=ro.max_tokens, stop=ro.stop or None)
         start = time.perf_counter()

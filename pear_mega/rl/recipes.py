@@ -24,6 +24,7 @@ from pear_mega.rl.config import (
     RolloutSettings,
     TaskConfig,
     TrainConfig,
+    rl_engine,
 )
 
 RECIPES = RecipeRegistry("rl")
@@ -48,8 +49,8 @@ def debug_grpo() -> RLConfig:
         name="debug_grpo",
         model=ModelConfig(hf_path="outputs/models/tiny-llama"),
         task=TaskConfig(source="synthetic", size=64, seed=0),
-        rollout=RolloutSettings(prompts_per_step=8, n=8, temperature=0.1, max_tokens=8, max_model_len=128,
-                                kv_cache_gib=0.25),
+        rollout=RolloutSettings(prompts_per_step=8, n=8, temperature=0.1, max_tokens=8,
+                                engine=rl_engine(max_model_len=128, kv_cache_gib=0.25)),
         algorithm=AlgorithmConfig(name="grpo", grpo=GRPOConfig(kl_coef=0.0, tis_cap=2.0)),
         optim=OptimConfig(lr=3e-3, clip_grad=1.0, decay_style="constant"),
         train=TrainConfig(steps=20, seq_length=256),
@@ -68,8 +69,8 @@ def smollm2_grpo() -> RLConfig:
         model=ModelConfig(hf_path="outputs/models/smollm2-135m-instruct"),
         task=TaskConfig(source="reasoning_gym", tasks=("basic_arithmetic",), task_config=ARITHMETIC_1DIGIT,
                         size=256, seed=7, num_shots=2),
-        rollout=RolloutSettings(prompts_per_step=4, n=4, temperature=1.0, max_tokens=12, max_model_len=512,
-                                stop=("\n",)),
+        rollout=RolloutSettings(prompts_per_step=4, n=4, temperature=1.0, max_tokens=12, stop=("\n",),
+                                engine=rl_engine(max_model_len=512)),
         algorithm=AlgorithmConfig(name="grpo", grpo=GRPOConfig(kl_coef=0.01, kl_estimator="k3", kl_mode="loss",
                                                                tis_cap=2.0)),
         optim=OptimConfig(lr=2e-6, warmup_steps=0, clip_grad=1.0, decay_style="constant"),
@@ -147,7 +148,7 @@ def llama3_70b_grpo() -> RLConfig:
     with DP = 1 the optimizer state is 25.4 GiB per GPU, so it lives in host memory while the
     engine is awake (``rollout.offload_optimizer``); no reference model is kept (the KL coefficient
     is 0 and ``logging.kl_to_init`` is off); the engine's share of the GPU is the largest the plan
-    leaves (``rollout.gpu_memory_utilization=0``), checked again on the device at start-up. Launch with
+    leaves (``rollout.engine.gpu_memory_utilization=0``), checked again on the device at start-up. Launch with
     ``torchrun --nnodes 4 --nproc-per-node 8 -m pear_mega.train_rl --recipe llama3_70b_grpo``
     (the rendezvous flags of ``examples/pear_70b.sh``). Not run: no GPU cluster was available.
     """
@@ -156,9 +157,10 @@ def llama3_70b_grpo() -> RLConfig:
         model=ModelConfig(hf_path="/models/Llama-3.3-70B-Instruct", dtype="bfloat16", recompute_activations=True,
                           use_te=True),
         task=TaskConfig(source="jsonl", prompts_file="/data/rl/math_train.jsonl", num_shots=0, seed=0),
-        rollout=RolloutSettings(prompts_per_step=64, n=16, temperature=1.0, max_tokens=4096, max_model_len=6144,
-                                gpu_memory_utilization=0.0, offload_optimizer=True, sleep_level=2,
-                                enforce_eager=False, tensor_parallel_size=8, num_engines=0),
+        rollout=RolloutSettings(prompts_per_step=64, n=16, temperature=1.0, max_tokens=4096, offload_optimizer=True,
+                                num_engines=0,
+                                engine=rl_engine(max_model_len=6144, gpu_memory_utilization=0.0, sleep_level=2,
+                                                 enforce_eager=False, tensor_parallel_size=8)),
         algorithm=AlgorithmConfig(
             name="grpo", minibatches=4,
             grpo=GRPOConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, tis_cap=2.0, dynamic_sampling=True,

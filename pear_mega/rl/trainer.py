@@ -17,12 +17,14 @@ One RL step, one phase per line (``RLTrainer.train_step``)::
 
 Layout. Every rank builds the policy (DDP + optimizer), the reference model and, for PPO, the
 critic, split by TP/PP/DP like the SFT trainer. The vLLM engines live in the trainer processes
-(``pear_mega.rl.engine_group``): ``rollout.num_engines`` engines of ``rollout.tensor_parallel_size``
-workers on global ranks ``0 .. E·R−1`` (default one single-worker engine on rank 0); rank 0's
-rollouts are broadcast with ``broadcast_object_list``. On GPU the engines sleep (sleep mode:
-weights offloaded, KV cache freed) from the end of generation until the refit. Sequence ``i`` stays on DP rank ``i % dp``
-for the whole step (``pear_mega.rl.experience``), and its per-token tensors (old/ref log-probs,
-values, advantages) live on the last pipeline stage of that DP rank, where the loss is computed.
+(``pear_mega.rl.engine_group``): ``rollout.num_engines`` engines of
+``rollout.engine.tensor_parallel_size`` workers on global ranks ``0 .. E·R−1`` (default one
+single-worker engine on rank 0), built from ``rollout.engine`` (``RLConfig.engine_config``);
+rank 0's rollouts are broadcast with ``broadcast_object_list``. On GPU the engines sleep (sleep
+mode: weights offloaded, KV cache freed) from the end of generation until the refit. Sequence
+``i`` stays on DP rank ``i % dp`` for the whole step (``pear_mega.rl.experience``), and its
+per-token tensors (old/ref log-probs, values, advantages) live on the last pipeline stage of that
+DP rank, where the loss is computed.
 
 Log-probs. All trainer log-probs are at the sampling temperature T (logits / T): the rollout
 engine reports log-probs of its sampling distribution, so train/rollout mismatch compares like
@@ -181,16 +183,16 @@ class RLTrainer(TrainerCore):
         self.source = None
         ro = cfg.rollout
         self.rollout = EngineGroup(self.ctx, EnginePlacement.from_settings(
-            self.ctx.world_size, ro.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s,
+            self.ctx.world_size, ro.engine.tensor_parallel_size, ro.num_engines), timeout_s=cfg.parallel.timeout_s,
             engine_threads=ro.engine_threads)
         self.weight_sync = WeightSync(self.rollout, self.arch, self.ctx, cfg.refit,
                                       next(unwrap_model(self.policy[0]).parameters()).dtype,
                                       timeout_s=cfg.parallel.timeout_s, log=self._print)
         self._offload_optimizers()  # before vLLM measures the free memory
         probes = self.rollout.on_hosts(self._start_engine)
-        if ro.num_threads and self.rollout.hosts_engine:
-            # the one place it is applied: on_hosts puts back the threads it found, after the engine's start
-            torch.set_num_threads(ro.num_threads)
+        if ro.engine.num_threads and self.rollout.hosts_engine:
+            # on_hosts puts back the threads it found after the engine's start: set them again here
+            torch.set_num_threads(ro.engine.num_threads)
         self.probe_seqs = [RolloutSequence(-1, p, r, [0.0] * len(r), 0.0, 0.0) for p, r in zip(*probes)]
         self.snapshot = None
         self.weights_discarded = False
@@ -230,7 +232,7 @@ class RLTrainer(TrainerCore):
         ValueError with the numbers when it does not fit) and the engine's memory share from it.
         CPU: the configured share (unused there)."""
         if not use_gpu():
-            return self.cfg.rollout.gpu_memory_utilization or 0.3
+            return self.cfg.rollout.engine.gpu_memory_utilization
         from pear_mega.plan import Shape, check_rl_plan
 
         total = torch.cuda.get_device_properties(self.ctx.device).total_memory
@@ -266,17 +268,10 @@ class RLTrainer(TrainerCore):
     def _start_engine(self):
         """Engine ranks: the vLLM engine on the initial weights, the prompt source and the probes."""
         from pear_mega.rl.experience import PromptSource
-        from pear_mega.engine import RolloutConfig, RolloutEngine
+        from pear_mega.engine import RolloutEngine
 
-        ro, cfg = self.cfg.rollout, self.cfg
-        config = RolloutConfig(
-            model=cfg.model.hf_path, dtype=ro.dtype or cfg.model.dtype, max_model_len=ro.max_model_len,
-            gpu_memory_utilization=self.engine_utilization, sleep_level=ro.sleep_level,
-            kv_cache_bytes=int(ro.kv_cache_gib * (1 << 30)),
-            seed=ro.engine_seed, max_num_seqs=ro.max_num_seqs, enforce_eager=ro.enforce_eager,
-            tensor_parallel_size=ro.tensor_parallel_size,
-            keep_freed_memory=ro.keep_freed_memory,
-        )
+        cfg = self.cfg
+        config = cfg.engine_config(self.engine_utilization)
         self.rollout.start(lambda launch_env: RolloutEngine(config, launch_env=launch_env))
         self.source = PromptSource(cfg.task, self.engine.tokenizer, self.arch.vocab_size)
         if self.data_state:
@@ -320,8 +315,10 @@ class RLTrainer(TrainerCore):
         if self.weights_discarded:  # sleep level 2 and no update since the last rollout: refit first
             self.sync_weights()
         seqs, metrics, self.data_state = self.rollout.on_hosts(work)
-        # every rank knows: on GPU the engines sleep after each rollout; level 2 drops their weights
-        self.weights_discarded = use_gpu() and self.cfg.rollout.sleep_level == 2
+        # every rank knows: on GPU the engines sleep after each rollout (unless sleep mode is off);
+        # level 2 drops their weights
+        engine = self.cfg.rollout.engine
+        self.weights_discarded = use_gpu() and engine.enable_sleep_mode is not False and engine.sleep_level == 2
         return seqs, metrics
 
     # ------------------------------------------------------------------ forward passes

@@ -223,7 +223,7 @@ class StudyPlan:
         return replace(
             cfg, name=f"{self.cfg.study.name}_rl_{arm_name}_seed{seed}",
             model=replace(cfg.model, hf_path=str(self.sft_model(arm_name, seed))),
-            rollout=replace(cfg.rollout, engine_seed=cfg.rollout.engine_seed + seed),
+            rollout=replace(cfg.rollout, engine=replace(cfg.rollout.engine, seed=cfg.rollout.engine.seed + seed)),
             checkpoint=replace(cfg.checkpoint, dir="", save_interval=0, resume=False,
                                export_hf=str(self.rl_model(arm_name, seed))),
             logging=replace(cfg.logging, tensorboard_dir=str(run / "tb"), progress_bar=False),
@@ -234,7 +234,7 @@ class StudyPlan:
         return {"model": str(model), "out": str(out), "suites": {k: list(v) for k, v in self.cfg.suites().items()},
                 "size": e.size, "seed": e.seed, "num_shots": self.cfg.student_shots, "n": e.n, "ks": list(e.ks),
                 "temperature": e.temperature, "max_tokens": e.max_tokens, "engine_seed": seed,
-                "max_model_len": self.cfg.rl.rollout.max_model_len}
+                "max_model_len": self.cfg.rl.rollout.engine.max_model_len}
 
     # -------------------------------------------------------------- the plan
     def _build(self) -> None:
@@ -308,8 +308,9 @@ class StudyPlan:
                    "--size", str(b.prompts), "--task-seed", str(b.task_seed), "--task-config", cfg.rl.task.task_config,
                    "--shots", str(b.shots), "-n", str(b.n), "--temperature", str(b.temperature),
                    "--top-p", str(b.top_p), "--max-tokens", str(b.max_tokens), "--seed", str(b.engine_seed),
-                   "--max-model-len", str(cfg.rl.rollout.max_model_len),
-                   "--cpu-kv-cache-gib", str(cfg.rl.rollout.kv_cache_gib)]
+                   "--max-model-len", str(cfg.rl.rollout.engine.max_model_len)]
+            if cfg.rl.rollout.engine.kv_cache_gib is not None:  # None: the collector's own default
+                cmd += ["--cpu-kv-cache-gib", str(cfg.rl.rollout.engine.kv_cache_gib)]
             if b.system:
                 cmd += ["--system", b.system]
             if cfg.teacher_top_k:  # the kd arms' targets, kept through restrict_to_student_prompt
@@ -621,7 +622,7 @@ def _eval_worker(spec_path: str) -> None:
 
     from pear_mega.evaluation import evaluate_suites, reasoning_gym_suite, results_table, write_results
     from pear_mega.models.checkpoint import SafetensorsReader
-    from pear_mega.engine import RolloutConfig, RolloutEngine
+    from pear_mega.engine import EngineConfig, RolloutEngine
 
     runs = json.loads(Path(spec_path).read_text())["runs"]
     shared = ("suites", "size", "seed", "num_shots", "max_model_len")
@@ -634,8 +635,8 @@ def _eval_worker(spec_path: str) -> None:
         suite = reasoning_gym_suite(task, first["size"], first["seed"], first["num_shots"], settings)
         suite.name = name
         suites.append(suite)
-    engine = RolloutEngine(RolloutConfig(model=first["model"], max_model_len=first["max_model_len"],
-                                         seed=first["engine_seed"]))
+    engine = RolloutEngine(EngineConfig(model=first["model"], max_model_len=first["max_model_len"],
+                                        seed=first["engine_seed"]))
     try:
         for i, run in enumerate(runs):
             if i:

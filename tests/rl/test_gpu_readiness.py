@@ -8,8 +8,8 @@ import torch
 
 from pear_mega.rl.config import RefitConfig
 from pear_mega.engine import (
+    EngineConfig,
     RefitVerificationError,
-    RolloutConfig,
     RolloutEngine,
     _uni_executor_device,
     engine_device_index,
@@ -77,7 +77,7 @@ def test_refit_max_tol_validation():
 
 def test_sleep_level_2_needs_a_refit_before_waking():
     engine = object.__new__(RolloutEngine)
-    engine.config, engine.sleeping = RolloutConfig(model="unused", sleep_level=2), True
+    engine.config, engine.sleeping = EngineConfig(model="unused", sleep_level=2), True
     with pytest.raises(RuntimeError, match="slept at level 2 .*refit it with update_weights"):
         engine._wake_all()
 

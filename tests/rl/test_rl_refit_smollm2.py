@@ -149,9 +149,9 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         assert HostStaging.unavailable(arch, torch.float32, ctx, readers=[0]) is None
         staging = HostStaging.create(arch, torch.float32, ctx, readers=[0])  # before the engine, like the trainer
         if rank == 0:
-            from pear_mega.engine import RolloutConfig, RolloutEngine
+            from pear_mega.engine import EngineConfig, RolloutEngine
 
-            engine = RolloutEngine(RolloutConfig(model=model_dir, max_model_len=64, kv_cache_bytes=32 << 20))
+            engine = RolloutEngine(EngineConfig(model=model_dir, max_model_len=64, kv_cache_gib=1 / 32))
         row = _refit_and_compare(*tp3, model_dir, engine, probes)
         if row is not None:
             results["tp3"] = row

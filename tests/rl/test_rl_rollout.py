@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pear_mega.engine import (
+    EngineConfig,
     RefitVerificationError,
-    RolloutConfig,
     RolloutEngine,
     hf_sequence_logprobs,
     iter_buckets,
@@ -24,7 +24,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    eng = RolloutEngine(RolloutConfig(model=str(tiny_dir), max_model_len=256, kv_cache_bytes=256 << 20, seed=0))
+    eng = RolloutEngine(EngineConfig(model=str(tiny_dir), max_model_len=256, kv_cache_gib=0.25, seed=0))
     yield eng
     eng.close()
 

@@ -28,12 +28,12 @@ def _rank_main(rank: int, port: int, model_dir: str, results) -> None:
             from transformers import AutoModelForCausalLM
 
             from pear_mega.engine import (
-                RolloutConfig,
+                EngineConfig,
                 RolloutEngine,
                 hf_sequence_logprobs,
             )
 
-            engine = RolloutEngine(RolloutConfig(model=model_dir, max_model_len=128, kv_cache_bytes=64 << 20))
+            engine = RolloutEngine(EngineConfig(model=model_dir, max_model_len=128, kv_cache_gib=1 / 16))
             samples = engine.generate([[1, 502, 33]], n=2, max_tokens=3)
             hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             with torch.no_grad():

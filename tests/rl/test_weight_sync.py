@@ -69,7 +69,7 @@ def _trainer_logprobs(model, ctx, arch, prompts, responses) -> list[torch.Tensor
 def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
     import torch.distributed as dist
 
-    from pear_mega.engine import RefitVerificationError, RolloutConfig, RolloutEngine
+    from pear_mega.engine import EngineConfig, RefitVerificationError, RolloutEngine
     from pear_mega.models import ModelArch, build_gpt_model, load_hf_checkpoint
     from pear_mega.parallel import ParallelConfig, destroy_parallel, init_parallel
     from pear_mega.rl.config import RefitConfig
@@ -91,7 +91,7 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         for transport in ("collective", "auto"):
             syncs[transport] = WeightSync(group, arch, ctx, RefitConfig(transport=transport, tol=TOL, bucket_mb=1),
                                           torch.float32, timeout_s=180, log=lambda message: None)
-        group.start(lambda env: RolloutEngine(RolloutConfig(model=model_dir, max_model_len=64, kv_cache_bytes=32 << 20),
+        group.start(lambda env: RolloutEngine(EngineConfig(model=model_dir, max_model_len=64, kv_cache_gib=1 / 32),
                                               launch_env=env))
         row = {"staged": {t: s.staging is not None for t, s in syncs.items()}}
         for seed, (transport, sync) in enumerate(syncs.items(), 1):

@@ -65,7 +65,7 @@ def ppo_tp2(rl_model, tmp_path_factory):
              "algorithm.ppo.kl_mode=loss", "algorithm.ppo.entropy_coef=0.01", "algorithm.ppo.dual_clip=3",
              "algorithm.ppo.lam=0.9", "critic.optim.lr=1e-3",
              "critic.optim.decay_style=constant", "parallel.tensor_parallel=2", f"checkpoint.export_hf={tmp / 'export'}",
-             "rollout.num_threads=1"]
+             "rollout.engine.num_threads=1"]
     result = run_rl(tmp, 2, _base(rl_model, tmp, "ckpt", 3, extra), "--corrupt-refit-check", timeout=400)
     return {"result": result, "tmp": tmp}
 
@@ -74,7 +74,7 @@ def ppo_tp2(rl_model, tmp_path_factory):
 def grpo_engines(rl_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo_engines")
     # the gather + broadcast transport (the other TP runs stage the weights in shared memory)
-    extra = ["parallel.tensor_parallel=2", "rollout.tensor_parallel_size=2", "rollout.num_engines=2",
+    extra = ["parallel.tensor_parallel=2", "rollout.engine.tensor_parallel_size=2", "rollout.num_engines=2",
              f"checkpoint.export_hf={tmp / 'export'}", "refit.transport=collective"]
     result = run_rl(tmp, 4, _base(rl_model, tmp, "ckpt", 3, extra), "--corrupt-refit-check", timeout=500)
     return {"result": result, "tmp": tmp}
@@ -194,7 +194,7 @@ def test_ppo_critic_tp2(ppo_tp2):
 
 def test_engine_rank_threads_tp2(ppo_tp2):
     """Rank 0 hosts the engine, rank 1 waits: engine work runs on both ranks' cores, training on
-    the trainer's threads (rollout.num_threads=1, the launcher's OMP_NUM_THREADS=1)."""
+    the trainer's threads (rollout.engine.num_threads=1, the launcher's OMP_NUM_THREADS=1)."""
     import os
 
     threads = ppo_tp2["result"]["threads"]

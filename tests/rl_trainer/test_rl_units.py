@@ -2,6 +2,7 @@
 the shifted layout, pack trimming, prompt files, the differentiable entropy and the value head."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -42,7 +43,9 @@ def test_recipes_build_and_overrides():
     ("algorithm.grpo.kl_estimator=k4", "kl_estimator"),
     ("task.task_config=[1]", "task.task_config"),
     ("train.seq_length=8", "train.seq_length"),
-    ("rollout.max_model_len=8", "rollout.max_model_len"),
+    ("rollout.engine.max_model_len=8", "rollout.engine.max_model_len"),
+    ("rollout.engine.dtype=auto", "rollout.engine.dtype"),
+    ("rollout.engine.model=x", "rollout.engine.model"),
     ("refit.tol=0", "refit.tol"),
     ("rollout.engine_threads=-1", "rollout.engine_threads"),
     ("refit.transport=nccl", "refit.transport"),
@@ -51,6 +54,88 @@ def test_recipes_build_and_overrides():
 def test_invalid_overrides_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         RECIPES.build("debug_grpo", [override])
+
+
+@pytest.mark.parametrize("old, new", [
+    ("rollout.max_model_len=512", "rollout.engine.max_model_len"),
+    ("rollout.engine_seed=3", "rollout.engine.seed"),
+    ("rollout.kv_cache_gib=0.5", "rollout.engine.kv_cache_gib"),
+    ("rollout.gpu_memory_utilization=0.4", "rollout.engine.gpu_memory_utilization"),
+])
+def test_moved_rollout_keys_name_their_new_place(old, new):
+    """The engine's settings moved under rollout.engine: the old key fails, naming the new one."""
+    with pytest.raises(ValueError, match=f"override {re.escape(old.split('=')[0])}: the key moved to {re.escape(new)}$"):
+        RECIPES.build("debug_grpo", [old])
+    value = old.split("=")[1]
+    engine = RECIPES.build("debug_grpo", [f"{new}={value}"]).rollout.engine
+    assert str(getattr(engine, new.rsplit(".", 1)[1])) == value
+
+
+# Every field of rollout.engine set away from the RL default; the trainer fills the other three.
+_ENGINE_OVERRIDES = {
+    "dtype": "bfloat16", "max_model_len": "200", "kv_cache_gib": "0.5", "seed": "5", "enable_sleep_mode": "false",
+    "sleep_level": "2", "max_num_seqs": "7", "enforce_eager": "false", "enable_prefix_caching": "false",
+    "block_size": "64", "num_threads": "2", "tensor_parallel_size": "2", "keep_freed_memory": "false",
+}
+_FILLED = ("model", "gpu_memory_utilization")
+
+
+def test_engine_config_is_the_nested_one_filled_in():
+    """The engine each rank builds is ``rollout.engine`` with the model and the memory share (and a
+    '' dtype) filled in: every other field reaches it as configured (no field-by-field copy)."""
+    import dataclasses
+
+    from pear_mega.engine import EngineConfig
+
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert names == set(_ENGINE_OVERRIDES) | set(_FILLED), "a new engine field: add it to _ENGINE_OVERRIDES"
+    default = RECIPES.build("debug_grpo")
+    cfg = RECIPES.build("debug_grpo", [f"rollout.engine.{k}={v}" for k, v in _ENGINE_OVERRIDES.items()])
+    engine = cfg.engine_config(0.42)
+    assert type(engine) is EngineConfig
+    for name in _ENGINE_OVERRIDES:
+        assert getattr(engine, name) == getattr(cfg.rollout.engine, name) != getattr(default.rollout.engine, name), name
+    assert engine.model == cfg.model.hf_path and engine.gpu_memory_utilization == 0.42
+    # RL's own defaults: dtype '' = the trainer's, the share from the memory plan, freed memory kept
+    assert default.rollout.engine.dtype == "" and default.engine_config(0.3).dtype == default.model.dtype
+    assert default.rollout.engine.gpu_memory_utilization == 0.0 and default.rollout.engine.keep_freed_memory
+    assert dataclasses.replace(engine, model="", gpu_memory_utilization=0.0) == cfg.rollout.engine
+
+
+def test_trainer_starts_the_engine_of_its_config(monkeypatch):
+    """``RLTrainer._start_engine`` builds ``RLConfig.engine_config`` with the planned memory share."""
+    import pear_mega.engine
+    from pear_mega.rl.trainer import RLTrainer
+
+    class Started(Exception):
+        pass
+
+    seen = []
+
+    def fake_engine(config, launch_env=None):
+        seen.append(config)
+        raise Started
+
+    class Group:
+        def start(self, factory):
+            return factory(None)
+
+    monkeypatch.setattr(pear_mega.engine, "RolloutEngine", fake_engine)
+    trainer = object.__new__(RLTrainer)  # the start-up step alone
+    trainer.cfg, trainer.engine_utilization, trainer.rollout = RECIPES.build("debug_grpo", ["rollout.engine.seed=3"]), 0.25, Group()
+    with pytest.raises(Started):
+        trainer._start_engine()
+    assert seen == [trainer.cfg.engine_config(0.25)] and seen[0].seed == 3
+
+
+def test_engine_refuses_to_start_unfilled():
+    from pear_mega.engine import EngineConfig, RolloutEngine
+
+    with pytest.raises(ValueError, match="model, dtype must be set before the engine starts"):
+        RolloutEngine(EngineConfig(dtype=""))
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be set"):
+        EngineConfig(model="m", gpu_memory_utilization=0.0).check_startable(gpu=True)
+    EngineConfig(model="m", gpu_memory_utilization=0.0).check_startable(gpu=False)  # unused on CPU
 
 
 def test_grpo_needs_two_samples():
@@ -177,8 +262,8 @@ def test_engine_placement_layout():
         EnginePlacement(world_size=4, tensor_parallel_size=0, num_engines=1)
     with pytest.raises(ValueError, match="rollout.num_engines"):
         RECIPES.build("debug_grpo", ["rollout.num_engines=-1"])
-    with pytest.raises(ValueError, match="rollout.tensor_parallel_size"):
-        RECIPES.build("debug_grpo", ["rollout.tensor_parallel_size=0"])
+    with pytest.raises(ValueError, match="rollout.engine.tensor_parallel_size"):
+        RECIPES.build("debug_grpo", ["rollout.engine.tensor_parallel_size=0"])
 
 
 def test_engine_threads_take_the_waiting_ranks_cores(monkeypatch):

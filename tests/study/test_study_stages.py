@@ -96,6 +96,7 @@ def test_bad_kd_arm_names_are_refused(name, message):
     ("eval.ks=[1,8]", "eval.ks"),
     ("behavior.temperature=0", "behavior.temperature"),
     ("eval.seed=0", "eval.seed"),
+    ("rl.rollout.max_model_len=512", "the key moved to rl.rollout.engine.max_model_len"),
 ])
 def test_bad_config_is_refused_naming_the_key(tmp_path, capsys, override, key):
     assert study_main(["--recipe", "tiny_study", f"study.out_dir={tmp_path / 'study'}", override]) == 2
@@ -171,7 +172,7 @@ def test_stage_commands_reproduce_the_study_configs(tmp_path):
         assert apply_overrides(SFT.build(cfg.study.sft_recipe), overrides_for(SFT, cfg.study.sft_recipe, sft)) == sft
         rl = plan.rl_config(arm, 1)
         assert apply_overrides(RL.build(cfg.study.rl_recipe), overrides_for(RL, cfg.study.rl_recipe, rl)) == rl
-        assert rl.model.hf_path == str(plan.sft_model(arm, 1)) and rl.rollout.engine_seed == cfg.rl.rollout.engine_seed + 1
+        assert rl.model.hf_path == str(plan.sft_model(arm, 1)) and rl.rollout.engine.seed == cfg.rl.rollout.engine.seed + 1
     token = plan.sft_config("token", 0)
     assert token.pear.level == "token" and token.pear.gamma == 0.95 and token.pear.delta_clip == (-0.5, 0.5)
     # Paired design: the arms differ in the PEAR level (and the arm's own overrides) only.
