@@ -1,6 +1,7 @@
 # pear-mega: the two commands of the README.
 #   make quickstart   create/refresh .venv, then run the CPU pipeline end to end
-#   make test         create/refresh .venv, then run the whole test suite (CPU, Triton interpreter)
+#   make test         create/refresh .venv, then run the whole test suite (CPU, Triton interpreter;
+#                     TEST_WORKERS=1 runs it in one process)
 # The environment is rebuilt only when setup.py or this Makefile change (the stamp file).
 
 PYTHON ?= python3
@@ -8,6 +9,10 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.pear-mega-installed
 PYTEST_ARGS ?=
+# Test processes: most of a slow test is single-threaded process start-up (imports, engine start),
+# so two workers on two cores finish the suite ~1.5x sooner; one file per worker (--dist loadfile)
+# keeps a module's shared fixtures (RL runs, converted models) built once.
+TEST_WORKERS ?= 2
 
 .PHONY: venv quickstart test test-fast lint bench clean
 
@@ -28,10 +33,10 @@ quickstart: $(STAMP)
 	OMP_NUM_THREADS=2 $(VPY) -m pear_mega.quickstart
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not multiprocess" $(PYTEST_ARGS) tests
 
 lint: $(STAMP)
 	$(VPY) -m ruff check pear_mega kernels tools benchmarks tests

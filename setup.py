@@ -44,7 +44,7 @@ GPU = [
     "math-verify==0.9.0",
     "matplotlib",
 ]
-DEV = ["pytest", "pytest-timeout", "hypothesis", "ruff"]
+DEV = ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "ruff"]
 
 packages = [p for p in find_packages(include=["pear_mega", "pear_mega.*"])]
 packages += ["pear_mega.kernels"] + [

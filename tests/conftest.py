@@ -19,7 +19,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The longest serial chain of the suite (a study: ~20 stage processes one after another) starts
+# first, so that with pytest-xdist (``make test``) the workers finish together instead of one of
+# them starting it last.
+LONGEST_FIRST = ("tests/study/test_study_e2e.py",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FIRST)  # stable: order kept otherwise
     import torch
 
     if torch.cuda.is_available():
