@@ -31,10 +31,15 @@ CURVES = (
 
 # ----------------------------------------------------------------------------- formatting
 def _f(x, digits: int = 3, sign: bool = False) -> str:
-    """A number with ``digits`` decimals (``+`` for differences); ``n/a`` for None/NaN."""
+    """A number with ``digits`` decimals (``+`` for differences); ``n/a`` for None/NaN. A non-zero
+    number that those decimals would show as 0 (a relative drift of 1e-5) gets ``digits``
+    significant digits instead."""
     if x is None or not math.isfinite(x):
         return "n/a"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+    plus = "+" if sign else ""
+    if x != 0 and abs(x) < 0.5 * 10**-digits:
+        return f"{x:{plus}.{digits - 1}e}"
+    return f"{x:{plus}.{digits}f}"
 
 
 def _iv(lo, hi, sign: bool = False) -> str:

@@ -186,3 +186,19 @@ def test_kd_arm_is_reported_like_any_arm_with_its_distillation_statistics(tmp_pa
 
 def test_report_without_kd_arm_has_no_distillation_table(tmp_path, results):
     assert "Distillation arms" not in write_report(results, tmp_path)["report.md"].read_text()
+
+
+def test_tiny_values_are_shown_with_significant_digits(tmp_path, results):
+    """A relative drift of ~1e-5 (lr 2e-6 for a few steps) is not printed as 0.000."""
+    from pear_mega.study.report import _f
+
+    assert (_f(1.234e-5), _f(-4.5e-6, sign=True), _f(0.0), _f(0.0123), _f(2e-4, sign=True)) == \
+        ("1.23e-05", "-4.50e-06", "0.000", "0.012", "+2.00e-04")  # fmt: skip
+    for i, run in enumerate(results["runs"]):
+        for h in run["rl_history"]:
+            h["drift/param_rel_l2_to_init"] = (1.0 + 0.1 * i) * 1e-5
+    md = write_report(copy.deepcopy(results), tmp_path / "out")["report.md"].read_text()
+    lines = md.splitlines()
+    start = lines.index("| arm | reward | KL to init | cum. sparsity | rel. drift | alignment |") + 2
+    drift = [line.split(" | ")[4] for line in lines[start:start + 2]]
+    assert drift and all("e-05" in cell and "0.000" not in cell for cell in drift), drift
