@@ -309,10 +309,11 @@ class LoggingConfig:
     """A parameter counts as changed when |Δ| > this."""
     kl_to_init: bool = True
     """Log KL(π ‖ π_init) (needs the reference model even when the KL coefficient is 0)."""
-    kl_to_init_interval: int = 1
+    kl_to_init_interval: int = 10
     """With kl_coef = 0 the KL to π_init is only logged, and costs a forward pass of the reference
-    model (~1/5 of a CPU step): N > 1 runs it on steps N, 2N, ... and the last one only. With
-    kl_coef > 0 the reference pass runs, and the KL is logged, every step."""
+    model (about a fifth of a CPU step, docs/benchmarks.md): it runs on steps N, 2N, ... and the
+    last one only (1 = every step, as the studies' drift curves use). With kl_coef > 0 the
+    reference pass runs, and the KL is logged, every step."""
     sample_interval: int = 0
     """Print one sampled response every N steps (0 = never)."""
 

@@ -23,6 +23,12 @@ RECIPES = RecipeRegistry("study")
 PRODUCTS_1DIGIT = {"min_digits": 1, "max_digits": 1}
 
 
+def _drift_logging(logging):
+    """The study's RL diagnostics: the KL to the SFT model at every RL step (its curve), not every
+    ``logging.kl_to_init_interval``-th as a plain RL run logs it."""
+    return replace(logging, kl_to_init=True, kl_to_init_interval=1)
+
+
 def _smollm2(name: str, *, out_dir: str = "") -> StudyConfig:
     """SmolLM2-135M-Instruct on one-digit +/−: πβ is the same model with 4 demonstrations
     (context distillation), the student answers zero-shot, so SFT teaches the answer format and
@@ -45,7 +51,8 @@ def _smollm2(name: str, *, out_dir: str = "") -> StudyConfig:
                    rollout=replace(rl.rollout, prompts_per_step=4, n=4, max_tokens=12),
                    train=replace(rl.train, steps=8, seq_length=256),
                    # The refit is checked every 4th step (each check costs ~7 s on 2 cores, a fifth of a step).
-                   refit=replace(rl.refit, verify_interval=4)),
+                   refit=replace(rl.refit, verify_interval=4),
+                   logging=_drift_logging(rl.logging)),
         eval=EvalSettings(size=64, n=4, ks=(1, 4), max_tokens=12, shifted=json.dumps({"products": PRODUCTS_1DIGIT})),
     )
 
@@ -90,7 +97,7 @@ def tiny_study() -> StudyConfig:
                    task=replace(rl.task, num_shots=0, size=16, task_config=ARITHMETIC_1DIGIT),
                    rollout=replace(rl.rollout, prompts_per_step=2, n=2, max_tokens=8,
                                    engine=replace(rl.rollout.engine, max_model_len=256, kv_cache_gib=0.25)),
-                   train=replace(rl.train, steps=2, seq_length=256)),
+                   train=replace(rl.train, steps=2, seq_length=256), logging=_drift_logging(rl.logging)),
         eval=EvalSettings(size=4, n=2, ks=(1, 2), max_tokens=8, shifted=json.dumps({"products": PRODUCTS_1DIGIT})),
     )
 
@@ -153,8 +160,7 @@ def qwen25_1p5b_logic_gpu_study() -> StudyConfig:
                    optim=replace(rl.optim, lr=1e-6),
                    train=replace(rl.train, steps=150, seq_length=4096),
                    refit=replace(rl.refit, tol=0.5, verify_interval=10, bucket_mb=512),
-                   # The study's diagnostics: KL to the SFT model and update sparsity along RL.
-                   logging=replace(rl.logging, kl_to_init=True, update_sparsity=True)),
+                   logging=replace(_drift_logging(rl.logging), update_sparsity=True)),
         eval=EvalSettings(size=200, n=8, ks=(1, 8), max_tokens=1024,
                           shifted=json.dumps({"zebra_puzzles": {}, "propositional_logic": {}})),
     )

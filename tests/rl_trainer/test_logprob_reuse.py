@@ -51,6 +51,19 @@ def test_reference_pass_steps():
     assert steps(_cfg(steps=3, interval=4, kl_to_init=False)) == []
     # a KL in the objective needs π_ref every step, whatever the logging interval
     assert steps(_cfg(steps=3, interval=4, grpo=GRPOConfig(kl_coef=0.01))) == [1, 2, 3]
+    # the default: a logged-only KL every 10th step and the last
+    default = RLConfig(model=ModelConfig(hf_path="unused"), task=TaskConfig(source="synthetic"),
+                       train=TrainConfig(steps=25))
+    assert steps(default) == [10, 20, 25]
+
+
+def test_studies_log_the_kl_to_init_every_rl_step():
+    """The studies' drift curves read the KL at every RL step, whatever the RL default."""
+    from pear_mega.study.recipes import RECIPES
+
+    for name in RECIPES.names():
+        rl = RECIPES.build(name).rl
+        assert rl.logging.kl_to_init and rl.logging.kl_to_init_interval == 1, name
 
 
 def test_bad_values_name_the_key():
