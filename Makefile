@@ -11,7 +11,8 @@ STAMP := $(VENV)/.pear-mega-installed
 PYTEST_ARGS ?=
 # Test processes: most of a slow test is single-threaded process start-up (imports, engine start),
 # so two workers on two cores finish the suite ~1.5x sooner; one file per worker (--dist loadfile)
-# keeps a module's shared fixtures (RL runs, converted models) built once.
+# keeps a module's shared fixtures (RL runs, converted models) built once; files are handed out in
+# collection order (--no-loadscope-reorder), which tests/conftest.py opens with the longest chains.
 TEST_WORKERS ?= 2
 
 .PHONY: venv quickstart test test-fast lint bench clean
@@ -33,10 +34,10 @@ quickstart: $(STAMP)
 	OMP_NUM_THREADS=2 $(VPY) -m pear_mega.quickstart
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not multiprocess" $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not multiprocess" $(PYTEST_ARGS) tests
 
 lint: $(STAMP)
 	$(VPY) -m ruff check pear_mega kernels tools benchmarks tests

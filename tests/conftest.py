@@ -19,10 +19,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# The longest serial chain of the suite (a study: ~20 stage processes one after another) starts
-# first, so that with pytest-xdist (``make test``) the workers finish together instead of one of
-# them starting it last.
-LONGEST_FIRST = ("tests/study/test_study_e2e.py",)
+# The longest serial chains of the suite (tiny studies: up to ~20 stage processes one after
+# another) start first, one per pytest-xdist worker (``make test``), so that the workers finish
+# together instead of one of them starting a chain last.
+LONGEST_FIRST = ("tests/study/test_study_e2e.py", "tests/study/test_study_e2e_kd.py")
 
 
 def pytest_collection_modifyitems(config, items):
