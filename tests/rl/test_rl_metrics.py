@@ -2,11 +2,11 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from refit_helpers import free_port  # isort: skip
 
 from pear_mega.rl.metrics import ParamSnapshot, kl_to_initial_policy
 
@@ -62,12 +62,6 @@ def test_kl_to_initial_policy_k3():
     close(m["drift/kl_to_init_k3"], 0.193147 / 2, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
@@ -93,7 +87,7 @@ def test_counts_are_summed_over_ranks():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_rank_main, args=(_free_port(), results), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_rank_main, args=(free_port(), results), nprocs=2, start_method="spawn", join=True)
     # global: 3 of 6 changed; ‖Δ‖ = sqrt(9 + 4 + 4) = sqrt(17)
     for rank in (0, 1):
         frac, l2 = results[rank]

@@ -16,36 +16,15 @@ must differ clearly, so the check cannot pass on stale weights.
 """
 
 import datetime
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from refit_helpers import free_port, perturb, probe_ids  # isort: skip
 
 WORLD = 3
-PROBES = [
-    ([{"role": "user", "content": "What is 3 times 4?"}], "Answer: 12"),
-    ([{"role": "user", "content": "Name a primary color."}], "Blue is a primary color."),
-]
 NOISE = 5e-3  # absolute, on weights of typical magnitude 0.02-0.1: log-probs move by ~0.1-1 nat
 TOL = 1e-4  # fp32 everywhere; the measured gaps (engine, trainer, transformers) are 2-4e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _perturb(model, tp_rank: int, seed: int) -> None:
-    """Add noise to every parameter; the same noise on every TP rank for replicated ones."""
-    from pear_mega.models import unwrap_model
-
-    with torch.no_grad():
-        for i, (_, p) in enumerate(unwrap_model(model).named_parameters()):
-            shard = tp_rank if getattr(p, "tensor_model_parallel", False) else 0
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i * 101 + shard)
-            p.add_(torch.randn(p.shape, generator=g) * NOISE)
 
 
 def _trainer_logprobs(model, ctx, arch, prompts, responses) -> list[torch.Tensor]:
@@ -83,7 +62,7 @@ def _trainer(tp: int, seed: int, model_dir: str, probes) -> tuple:
     logps = None
     if ctx.dp_rank == 0:
         load_hf_checkpoint(model, model_dir, arch, ctx)
-        _perturb(model, ctx.tp_rank, seed)
+        perturb(model, ctx.tp_rank, seed, NOISE)
         logps = _trainer_logprobs(model, ctx, arch, *probes)
     return ctx, model, logps
 
@@ -155,7 +134,7 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         row = _refit_and_compare(*tp3, model_dir, engine, probes)
         if row is not None:
             results["tp3"] = row
-        _perturb(model, ctx.tp_rank, 3)  # new weights, so that the staged refit must move the engine
+        perturb(model, ctx.tp_rank, 3, NOISE)  # new weights, so that the staged refit must move the engine
         row = _refit_and_compare(ctx, model, _trainer_logprobs(model, ctx, arch, *probes), model_dir, engine, probes,
                                  staging=staging)
         if row is not None:
@@ -172,16 +151,6 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         dist.destroy_process_group()
 
 
-def _probe_ids(model_dir: str):
-    """Chat prompts as the engine encodes them (template with the generation prompt) and answers."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                          add_special_tokens=False) for m, _ in PROBES]
-    return prompts, [tok.encode(a, add_special_tokens=False) for _, a in PROBES]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
@@ -194,7 +163,7 @@ def test_refit_parity_smollm2_tp3_staged_and_tp1():
     arch = ModelArch.from_hf(model_dir)
     assert (arch.num_attention_heads, arch.num_kv_heads) == (9, 3)
     results = mp.Manager().dict()
-    mp.start_processes(_rank_main, args=(_free_port(), model_dir, _probe_ids(model_dir), results), nprocs=WORLD,
+    mp.start_processes(_rank_main, args=(free_port(), model_dir, probe_ids(model_dir), results), nprocs=WORLD,
                        start_method="spawn")
     names = checkpoint_tensor_names(model_dir) | {"lm_head.weight"}
     for phase in ("tp3", "tp3_staged", "tp1"):

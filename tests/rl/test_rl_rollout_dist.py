@@ -3,17 +3,11 @@ default process group (its group setup would be a collective rank 1 never joins)
 trainer's groups when it shuts down."""
 
 import datetime
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from refit_helpers import free_port  # isort: skip
 
 
 def _rank_main(rank: int, port: int, model_dir: str, results) -> None:
@@ -62,7 +56,7 @@ def test_engine_on_rank0_of_a_two_rank_trainer(tmp_path):
 
     model_dir = str(tiny_model(tmp_path / "tiny"))
     results = mp.Manager().dict()
-    mp.start_processes(_rank_main, args=(_free_port(), model_dir, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(free_port(), model_dir, results), nprocs=2, start_method="spawn")
     assert results[0] == (3.0, 3.0) and results[1] == (3.0, 3.0)
     assert results["samples"] == 2 and results["world_seen"] == 2
     assert results["diff"]["max"] <= 1e-4

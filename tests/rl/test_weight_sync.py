@@ -13,36 +13,15 @@ For each transport — ``collective`` (the shards gathered over the process grou
 """
 
 import datetime
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from refit_helpers import free_port, perturb, probe_ids  # isort: skip
 
 WORLD = 2
-PROBES = [
-    ([{"role": "user", "content": "What is 3 times 4?"}], "Answer: 12"),
-    ([{"role": "user", "content": "Name a primary color."}], "Blue is a primary color."),
-]
 NOISE = 0.02  # absolute, on weights of std 0.02: the probe log-probs move by far more than TOL
 TOL = 1e-4  # fp32 on both sides
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _perturb(model, tp_rank: int, seed: int) -> None:
-    """Add noise to every parameter; the same noise on every TP rank for replicated ones."""
-    from pear_mega.models import unwrap_model
-
-    with torch.no_grad():
-        for i, (_, p) in enumerate(unwrap_model(model).named_parameters()):
-            shard = tp_rank if getattr(p, "tensor_model_parallel", False) else 0
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i * 101 + shard)
-            p.add_(torch.randn(p.shape, generator=g) * NOISE)
 
 
 def _trainer_logprobs(model, ctx, arch, prompts, responses) -> list[torch.Tensor]:
@@ -95,7 +74,7 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
                                               launch_env=env))
         row = {"staged": {t: s.staging is not None for t, s in syncs.items()}}
         for seed, (transport, sync) in enumerate(syncs.items(), 1):
-            _perturb(model, ctx.tp_rank, seed)
+            perturb(model, ctx.tp_rank, seed, NOISE)
             logps = _trainer_logprobs(model, ctx, arch, *probes)
             try:
                 sync.verify(*probes, logps)
@@ -115,16 +94,6 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         dist.destroy_process_group()
 
 
-def _probe_ids(model_dir: str):
-    """Chat prompts as the engine encodes them (template with the generation prompt) and answers."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                          add_special_tokens=False) for m, _ in PROBES]
-    return prompts, [tok.encode(a, add_special_tokens=False) for _, a in PROBES]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
@@ -139,7 +108,7 @@ def test_push_and_verify_both_transports(tmp_path):
     if arch.tie_word_embeddings and "lm_head.weight" not in reader.names():
         hf_bytes += reader.get("model.embed_tokens.weight").numel() * 4  # sent again as lm_head.weight
     results = mp.Manager().dict()
-    mp.start_processes(_rank_main, args=(_free_port(), model_dir, _probe_ids(model_dir), results), nprocs=WORLD,
+    mp.start_processes(_rank_main, args=(free_port(), model_dir, probe_ids(model_dir), results), nprocs=WORLD,
                        start_method="spawn")
     rows = dict(results)
     assert sorted(rows) == [0, 1], rows
