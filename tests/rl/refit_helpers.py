@@ -1,5 +1,6 @@
 """What the multi-process RL tests share: a free TCP port for a gloo world, the chat probes and their
-token ids, and the seeded per-shard perturbation that makes a refit move the engine."""
+token ids, the seeded per-shard perturbation that makes a refit move the engine, and the trainer's
+own log-probs of the probes."""
 
 import socket
 
@@ -36,3 +37,25 @@ def probe_ids(model_dir: str):
     prompts = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
                           add_special_tokens=False) for m, _ in PROBES]
     return prompts, [tok.encode(a, add_special_tokens=False) for _, a in PROBES]
+
+
+def trainer_logprobs(model, ctx, arch, prompts, responses) -> list[torch.Tensor]:
+    """log π_trainer(response_t | ...) at temperature 1 from the vocab-parallel logits (collective
+    over the TP group; every TP rank gets the result)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from pear_mega.models import attention_inputs, forward_logits
+
+    model.eval()
+    out = []
+    for p, r in zip(prompts, responses):
+        ids = torch.tensor([p + r])
+        position_ids, mask, packed = attention_inputs(torch.tensor([0, ids.shape[1]]), ids.shape[1], ctx.device)
+        with torch.no_grad():
+            logits = forward_logits(model, ctx, ids, position_ids, mask, packed)[0].float()  # [s, V_pad/tp]
+        v_local = logits.shape[-1]
+        n_valid = max(0, min(v_local, arch.vocab_size - ctx.tp_rank * v_local))
+        logits = logits.masked_fill(torch.arange(v_local) >= n_valid, float("-inf"))
+        logp = -vocab_parallel_cross_entropy(logits[:-1].unsqueeze(1), ids[0, 1:].unsqueeze(1))[:, 0]
+        out.append(logp[len(p) - 1 :])
+    return out

@@ -20,33 +20,11 @@ import datetime
 import pytest
 import torch
 import torch.multiprocessing as mp
-from refit_helpers import free_port, perturb, probe_ids  # isort: skip
+from refit_helpers import free_port, perturb, probe_ids, trainer_logprobs  # isort: skip
 
 WORLD = 3
 NOISE = 5e-3  # absolute, on weights of typical magnitude 0.02-0.1: log-probs move by ~0.1-1 nat
 TOL = 1e-4  # fp32 everywhere; the measured gaps (engine, trainer, transformers) are 2-4e-5
-
-
-def _trainer_logprobs(model, ctx, arch, prompts, responses) -> list[torch.Tensor]:
-    """log π_trainer(response_t | ...) at temperature 1 from the vocab-parallel logits (collective
-    over the TP group; every TP rank gets the result)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from pear_mega.models import attention_inputs, forward_logits
-
-    model.eval()
-    out = []
-    for p, r in zip(prompts, responses):
-        ids = torch.tensor([p + r])
-        position_ids, mask, packed = attention_inputs(torch.tensor([0, ids.shape[1]]), ids.shape[1], ctx.device)
-        with torch.no_grad():
-            logits = forward_logits(model, ctx, ids, position_ids, mask, packed)[0].float()  # [s, V_pad/tp]
-        v_local = logits.shape[-1]
-        n_valid = max(0, min(v_local, arch.vocab_size - ctx.tp_rank * v_local))
-        logits = logits.masked_fill(torch.arange(v_local) >= n_valid, float("-inf"))
-        logp = -vocab_parallel_cross_entropy(logits[:-1].unsqueeze(1), ids[0, 1:].unsqueeze(1))[:, 0]
-        out.append(logp[len(p) - 1 :])
-    return out
 
 
 def _trainer(tp: int, seed: int, model_dir: str, probes) -> tuple:
@@ -63,7 +41,7 @@ def _trainer(tp: int, seed: int, model_dir: str, probes) -> tuple:
     if ctx.dp_rank == 0:
         load_hf_checkpoint(model, model_dir, arch, ctx)
         perturb(model, ctx.tp_rank, seed, NOISE)
-        logps = _trainer_logprobs(model, ctx, arch, *probes)
+        logps = trainer_logprobs(model, ctx, arch, *probes)
     return ctx, model, logps
 
 
@@ -135,7 +113,7 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         if row is not None:
             results["tp3"] = row
         perturb(model, ctx.tp_rank, 3, NOISE)  # new weights, so that the staged refit must move the engine
-        row = _refit_and_compare(ctx, model, _trainer_logprobs(model, ctx, arch, *probes), model_dir, engine, probes,
+        row = _refit_and_compare(ctx, model, trainer_logprobs(model, ctx, arch, *probes), model_dir, engine, probes,
                                  staging=staging)
         if row is not None:
             results["tp3_staged"] = row

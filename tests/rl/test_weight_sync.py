@@ -17,32 +17,11 @@ import datetime
 import pytest
 import torch
 import torch.multiprocessing as mp
-from refit_helpers import free_port, perturb, probe_ids  # isort: skip
+from refit_helpers import free_port, perturb, probe_ids, trainer_logprobs  # isort: skip
 
 WORLD = 2
 NOISE = 0.02  # absolute, on weights of std 0.02: the probe log-probs move by far more than TOL
 TOL = 1e-4  # fp32 on both sides
-
-
-def _trainer_logprobs(model, ctx, arch, prompts, responses) -> list[torch.Tensor]:
-    """log π_trainer(response_t | ...) at temperature 1 from the vocab-parallel logits (collective
-    over the TP group)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from pear_mega.models import attention_inputs, forward_logits
-
-    out = []
-    for p, r in zip(prompts, responses):
-        ids = torch.tensor([p + r])
-        position_ids, mask, packed = attention_inputs(torch.tensor([0, ids.shape[1]]), ids.shape[1], ctx.device)
-        with torch.no_grad():
-            logits = forward_logits(model, ctx, ids, position_ids, mask, packed)[0].float()  # [s, V_pad/tp]
-        v_local = logits.shape[-1]
-        n_valid = max(0, min(v_local, arch.vocab_size - ctx.tp_rank * v_local))
-        logits = logits.masked_fill(torch.arange(v_local) >= n_valid, float("-inf"))
-        logp = -vocab_parallel_cross_entropy(logits[:-1].unsqueeze(1), ids[0, 1:].unsqueeze(1))[:, 0]
-        out.append(logp[len(p) - 1 :])
-    return out
 
 
 def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
@@ -75,7 +54,7 @@ def _rank_main(rank: int, port: int, model_dir: str, probes, results) -> None:
         row = {"staged": {t: s.staging is not None for t, s in syncs.items()}}
         for seed, (transport, sync) in enumerate(syncs.items(), 1):
             perturb(model, ctx.tp_rank, seed, NOISE)
-            logps = _trainer_logprobs(model, ctx, arch, *probes)
+            logps = trainer_logprobs(model, ctx, arch, *probes)
             try:
                 sync.verify(*probes, logps)
                 row[f"{transport}/stale"] = "passed"
